@@ -1,0 +1,146 @@
+"""The coherent CNN-DNN: the N local CNNs and the DNN head trained end to end as one model.
+
+``CoherentModel`` is the single-process form (prediction, export, reference in tests).
+``DistributedCoherent`` is the model-parallel form ``hpcdd.run`` trains: each rank holds only its
+own local CNNs; per minibatch (the same samples on every rank) it runs its local forward, an
+``Allgatherv`` of the (B, K) outputs gives (B, N, K) everywhere, the small DNN runs replicated
+on every rank, and the gradient of the loss with respect to (B, N, K) is what each rank feeds
+back into its own local CNNs. Only outputs cross ranks; images and CNN weights never do.
+Replicas of a subdomain each compute a slice of the minibatch and sum their gradients in their
+group. ``dnn_input`` chooses what the DNN sees: softmax probabilities (the paper) or logits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .parallel import World, allreduce_grads_, slice_rows
+from .training import TAG_COHERENT, TAG_DNN, seed_step
+
+
+def dnn_view(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    return torch.softmax(logits, dim=-1) if kind == "probs" else logits
+
+
+class CoherentModel(nn.Module):
+    """N local CNNs + DNN: input a list of N subimage batches, output (B, K) logits."""
+
+    def __init__(self, local_models, dnn: nn.Module, dnn_input: str = "probs"):
+        super().__init__()
+        self.local_models = nn.ModuleList(local_models)
+        self.dnn = dnn
+        self.dnn_input = dnn_input
+
+    def forward(self, subimages, seeds: tuple | None = None):
+        outs = []
+        for i, (model, x) in enumerate(zip(self.local_models, subimages)):
+            if seeds is not None:
+                seed_step(*seeds, TAG_COHERENT, i)
+            outs.append(dnn_view(model(x), self.dnn_input))
+        if seeds is not None:
+            seed_step(*seeds, TAG_DNN)
+        return self.dnn(torch.stack(outs, dim=1))
+
+
+class DistributedCoherent:
+    """One rank's share of the coherent model: its local CNNs and a replica of the DNN."""
+
+    def __init__(self, world: World, local_models: dict, dnn: nn.Module, n: int, dnn_input: str = "probs"):
+        self.world, self.local_models, self.dnn, self.n = world, local_models, dnn, n
+        self.dnn_input = dnn_input
+        own = world.own
+        self.replicas, self.replica = own.replicas, own.replica
+        self.table = own.table  # subdomains of every rank
+        self.comm_time = 0.0
+
+    def parameters(self):
+        for i in sorted(self.local_models):
+            yield from self.local_models[i].parameters()
+        yield from self.dnn.parameters()
+
+    def local_parameters(self):
+        for i in sorted(self.local_models):
+            yield from self.local_models[i].parameters()
+
+    def train(self, mode: bool = True):
+        for m in self.local_models.values():
+            m.train(mode)
+        self.dnn.train(mode)
+
+    def _slices(self, batch: int) -> list[slice]:
+        """Rows each rank computes (the replica's slice of the minibatch)."""
+        return [slice_rows(batch, self.replicas, r % self.replicas) for r in range(self.world.size)]
+
+    def gather_outputs(self, mine: np.ndarray, batch: int, k: int) -> np.ndarray:
+        """Allgatherv of every rank's (n_owned, rows, K) block into (B, N, K)."""
+        import time
+
+        world = self.world
+        if world.comm is None or world.size == 1:
+            return np.ascontiguousarray(mine.transpose(1, 0, 2))
+        from mpi4py import MPI
+
+        slices = self._slices(batch)
+        counts = np.array([len(self.table[r]) * (s.stop - s.start) * k for r, s in enumerate(slices)], dtype=np.int64)
+        displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        recv = np.empty(int(counts.sum()), dtype=np.float32)
+        t0 = time.perf_counter()
+        world.comm.Allgatherv(np.ascontiguousarray(mine, dtype=np.float32).reshape(-1),
+                              [recv, counts, displs, MPI.FLOAT])
+        self.comm_time += time.perf_counter() - t0
+        full = np.empty((batch, self.n, k), dtype=np.float32)
+        for r, s in enumerate(slices):
+            rows = s.stop - s.start
+            block = recv[displs[r]:displs[r] + counts[r]].reshape(len(self.table[r]), rows, k)
+            for j, i in enumerate(self.table[r]):
+                full[s, i] = block[j]
+        return full
+
+    def step(self, xs: dict, y: torch.Tensor, batch: int, optimizer, seeds: tuple) -> float:
+        """One training step on a minibatch of ``batch`` samples (``xs[i]``: this rank's rows).
+
+        Returns the minibatch loss (mean over all ``batch`` samples), identical on every rank.
+        """
+        import time
+
+        device = y.device
+        mine = slice_rows(batch, self.replicas, self.replica)
+        outs = []
+        for i in sorted(self.local_models):
+            seed_step(*seeds, TAG_COHERENT, i)
+            outs.append(dnn_view(self.local_models[i](xs[i]), self.dnn_input))
+        local = torch.stack(outs) if outs else torch.zeros((0, mine.stop - mine.start, 0), device=device)
+        k = local.shape[-1]
+        full = self.gather_outputs(local.detach().float().cpu().numpy(), batch, k)
+        z = torch.from_numpy(full).to(device).requires_grad_(True)
+        seed_step(*seeds, TAG_DNN)
+        loss = F.cross_entropy(self.dnn(z), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad = z.grad[mine].permute(1, 0, 2)[sorted(self.local_models)]
+        torch.autograd.backward(local, grad.to(local.dtype))
+        if self.replicas > 1:
+            t0 = time.perf_counter()
+            allreduce_grads_(list(self.local_parameters()), self.world.group)
+            self.comm_time += time.perf_counter() - t0
+        optimizer.step()
+        return float(loss)
+
+    @torch.no_grad()
+    def local_outputs(self, data: dict, rows: np.ndarray, device, batch_size: int) -> np.ndarray:
+        """(n_owned, len(rows), K) DNN inputs of this rank's local CNNs (eval mode)."""
+        outs = []
+        for i in sorted(self.local_models):
+            model = self.local_models[i]
+            was = model.training
+            model.eval()
+            parts = []
+            for a in range(0, len(rows), batch_size):
+                x, _ = data[i].batch(rows[a:a + batch_size])
+                parts.append(dnn_view(model(x.to(device)), self.dnn_input).float().cpu())
+            model.train(was)
+            outs.append(torch.cat(parts).numpy())
+        return np.stack(outs) if outs else np.zeros((0, len(rows), 0), np.float32)

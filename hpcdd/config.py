@@ -1,0 +1,268 @@
+"""The run configuration: dataclasses merged from a TOML file and command-line overrides.
+
+Every value is validated before any training; unknown keys get the closest known key as a hint.
+The resolved configuration is written once to ``RUN/config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+
+from .errors import UserError
+
+PHASES = ("local", "aggregate", "coherent", "global", "report")
+STRATEGIES = ("scratch", "transfer")
+
+
+@dataclass
+class ModelConfig:
+    family: str = "vgg"
+    widths: list[int] = field(default_factory=lambda: [32, 64, 128])
+    convs_per_block: int = 2
+    hidden: int = 128
+    dropout: float = 0.2
+    local_width_scale: float = 0.0  # 0 means 1/sqrt(N)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 128
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    step_size: int = 10
+    gamma: float = 0.1
+    augment_shift: int = 0
+
+
+@dataclass
+class DNNConfig:
+    hidden: list[int] = field(default_factory=lambda: [64])
+    dropout: float = 0.1
+    input: str = "probs"
+    epochs: int = 40
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+
+
+@dataclass
+class CoherentConfig:
+    strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
+    scratch: TrainConfig = field(default_factory=TrainConfig)
+    transfer: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, lr=2e-4))
+
+
+@dataclass
+class Config:
+    data: str = ""
+    out: str = ""
+    phases: list[str] = field(default_factory=lambda: list(PHASES))
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0  # 0: cores on the node / ranks on the node
+    memory_limit_gb: float = 4.0
+    eval_batch_size: int = 512
+    num_classes: int = 0  # 0: from the data; otherwise checked against it
+    model: ModelConfig = field(default_factory=ModelConfig)
+    local: TrainConfig = field(default_factory=TrainConfig)
+    dnn: DNNConfig = field(default_factory=DNNConfig)
+    coherent: CoherentConfig = field(default_factory=CoherentConfig)
+    global_: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return _to_dict(self)
+
+
+def _key(f: dataclasses.Field) -> str:
+    return f.name.rstrip("_")
+
+
+def _to_dict(obj) -> dict:
+    out = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        out[_key(f)] = _to_dict(v) if dataclasses.is_dataclass(v) else (list(v) if isinstance(v, (list, tuple)) else v)
+    return out
+
+
+def all_keys(cls=Config, prefix: str = "") -> dict[str, type]:
+    """Dotted key -> type for every leaf field."""
+    hints = typing.get_type_hints(cls)
+    keys = {}
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        name = prefix + _key(f)
+        if dataclasses.is_dataclass(t):
+            keys.update(all_keys(t, name + "."))
+        else:
+            keys[name] = t
+    return keys
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, list(all_keys()), n=1, cutoff=0.5)
+    if not close:
+        tail = key.split(".")[-1]
+        close = [k for k in all_keys() if k.split(".")[-1] == tail][:1]
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _coerce(key: str, value, t, where: str):
+    """Convert a TOML value or a command-line string to the field's type, or raise a UserError."""
+    origin = typing.get_origin(t)
+    try:
+        if origin is list:
+            (inner,) = typing.get_args(t)
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise TypeError
+            return [_coerce(key, v, inner, where) for v in value]
+        if t is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise TypeError
+        if t is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if t is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if t is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise TypeError
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    name = getattr(t, "__name__", str(t)).replace("list[int]", "comma-separated integers")
+    if origin is list:
+        name = "a list of " + typing.get_args(t)[0].__name__
+    raise UserError(f"{where}: {key} = {value!r}: expected {name}")
+
+
+def _set(cfg: Config, key: str, value, where: str) -> None:
+    keys = all_keys()
+    if key not in keys:
+        raise UserError(f"{where}: unknown config key {key!r}{_suggest(key)}")
+    value = _coerce(key, value, keys[key], where)
+    obj = cfg
+    parts = key.split(".")
+    for p in parts[:-1]:
+        obj = getattr(obj, p if hasattr(obj, p) else p + "_")
+    leaf = parts[-1] if hasattr(obj, parts[-1]) else parts[-1] + "_"
+    setattr(obj, leaf, value)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"--config {path}: no such file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"--config {path}: invalid TOML ({e})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--config {path}: not a text file") from None
+
+
+def build_config(file_values: dict | None, overrides: dict[str, object], file_name: str = "config") -> Config:
+    """Defaults, then the file, then the command line; then validation."""
+    cfg = Config()
+    for key, value in _flatten(file_values or {}).items():
+        _set(cfg, key, value, file_name)
+    for key, value in overrides.items():
+        _set(cfg, key, value, "command line")
+    validate(cfg)
+    return cfg
+
+
+def from_dict(values: dict, where: str) -> Config:
+    return build_config(values, {}, where)
+
+
+def _train_checks(prefix: str, t: TrainConfig) -> list[tuple[bool, str]]:
+    return [
+        (t.epochs >= 1, f"{prefix}.epochs = {t.epochs}: expected a positive number of epochs"),
+        (t.batch_size >= 1, f"{prefix}.batch_size = {t.batch_size}: expected a positive batch size"),
+        (t.optimizer in ("sgd", "adam", "adamw"), f"{prefix}.optimizer = {t.optimizer!r}: expected sgd, adam or adamw"),
+        (t.lr > 0, f"{prefix}.lr = {t.lr}: expected a positive learning rate"),
+        (0 <= t.momentum < 1, f"{prefix}.momentum = {t.momentum}: expected 0 <= momentum < 1"),
+        (t.weight_decay >= 0, f"{prefix}.weight_decay = {t.weight_decay}: expected a non-negative number"),
+        (t.schedule in ("constant", "cosine", "step"), f"{prefix}.schedule = {t.schedule!r}: expected constant, cosine or step"),
+        (t.step_size >= 1, f"{prefix}.step_size = {t.step_size}: expected a positive number of epochs"),
+        (0 < t.gamma <= 1, f"{prefix}.gamma = {t.gamma}: expected 0 < gamma <= 1"),
+        (t.augment_shift >= 0, f"{prefix}.augment_shift = {t.augment_shift}: expected 0 or more pixels"),
+    ]
+
+
+def validate(cfg: Config) -> None:
+    from .models import FAMILIES
+
+    m, d = cfg.model, cfg.dnn
+    checks = [
+        (bool(cfg.phases), "phases: expected at least one of " + ", ".join(PHASES)),
+        (cfg.device in ("auto", "cpu", "cuda"), f"device = {cfg.device!r}: expected auto, cpu or cuda"),
+        (cfg.threads >= 0, f"threads = {cfg.threads}: expected 0 (automatic) or a positive count"),
+        (cfg.memory_limit_gb > 0, f"memory_limit_gb = {cfg.memory_limit_gb}: expected a positive size"),
+        (cfg.num_classes >= 0, f"num_classes = {cfg.num_classes}: expected 0 (from the data) or a class count"),
+        (cfg.eval_batch_size >= 1, f"eval_batch_size = {cfg.eval_batch_size}: expected a positive batch size"),
+        (m.family in FAMILIES, f"model.family = {m.family!r}: expected one of {', '.join(FAMILIES)}"),
+        (bool(m.widths) and all(w >= 1 for w in m.widths), f"model.widths = {m.widths}: expected positive widths"),
+        (m.convs_per_block >= 1, f"model.convs_per_block = {m.convs_per_block}: expected at least 1"),
+        (m.hidden >= 1, f"model.hidden = {m.hidden}: expected a positive width"),
+        (0 <= m.dropout < 1, f"model.dropout = {m.dropout}: expected 0 <= dropout < 1"),
+        (m.local_width_scale >= 0, f"model.local_width_scale = {m.local_width_scale}: expected 0 (auto) or a positive scale"),
+        (all(h >= 1 for h in d.hidden), f"dnn.hidden = {d.hidden}: expected positive layer widths"),
+        (0 <= d.dropout < 1, f"dnn.dropout = {d.dropout}: expected 0 <= dropout < 1"),
+        (d.input in ("probs", "logits"), f"dnn.input = {d.input!r}: expected probs or logits"),
+        (d.epochs >= 1, f"dnn.epochs = {d.epochs}: expected a positive number of epochs"),
+        (d.batch_size >= 1, f"dnn.batch_size = {d.batch_size}: expected a positive batch size"),
+        (d.lr > 0, f"dnn.lr = {d.lr}: expected a positive learning rate"),
+        (d.weight_decay >= 0, f"dnn.weight_decay = {d.weight_decay}: expected a non-negative number"),
+        (bool(cfg.coherent.strategies), "coherent.strategies: expected scratch, transfer or both"),
+    ]
+    for p in cfg.phases:
+        checks.append((p in PHASES, f"phases: unknown phase {p!r}; expected some of {', '.join(PHASES)}"))
+    for s in cfg.coherent.strategies:
+        checks.append((s in STRATEGIES, f"coherent.strategies: unknown strategy {s!r}; expected scratch or transfer"))
+    checks += _train_checks("local", cfg.local) + _train_checks("global", cfg.global_)
+    checks += _train_checks("coherent.scratch", cfg.coherent.scratch)
+    checks += _train_checks("coherent.transfer", cfg.coherent.transfer)
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    cfg.phases = [p for p in PHASES if p in cfg.phases]
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise UserError(f"--set {text!r}: expected KEY=VALUE, e.g. --set local.epochs=10")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def dumps(cfg: Config) -> str:
+    return json.dumps(cfg.to_dict(), indent=1)

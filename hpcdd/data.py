@@ -1,0 +1,294 @@
+"""Shards: reading the HDF5 files that ``data_prep`` writes (format in DESIGN.md section 5).
+
+A reader opens its file read-only inside the process that reads it, never before a fork, and
+leaves file locking to HDF5 (so ``HDF5_USE_FILE_LOCKING=FALSE`` works on parallel file systems).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .decomposition import Decomposition
+from .errors import UserError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+FULL_NAME = "full.h5"
+SPLITS = ("train", "val", "test")
+DEFAULT_MEMORY_LIMIT = 4 << 30
+
+
+def shard_name(i: int) -> str:
+    return f"sub_{i:03d}.h5"
+
+
+def ids_digest(ids: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(ids, dtype="<i8").tobytes()).hexdigest()
+
+
+_MANIFEST_KEYS = ("format_version", "classes", "splits", "image_shape", "grid", "overlap", "margin",
+                  "boxes", "dtype", "scale", "mean", "std", "prep_id", "sample_ids_sha256", "shards")
+
+
+def load_manifest(data_dir: str) -> dict:
+    """Read and check ``DATA/manifest.json``."""
+    path = os.path.join(data_dir, MANIFEST_NAME)
+    if not os.path.isdir(data_dir):
+        raise UserError(f"--data {data_dir}: no such directory; prepare one with `python -m data_prep`")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; is {data_dir} a directory written by data_prep?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: corrupt JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    missing = [k for k in _MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise UserError(f"{path}: missing keys {', '.join(missing)}; re-run data_prep")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise UserError(f"{path}: shard format {manifest['format_version']}, this hpcdd reads format "
+                        f"{FORMAT_VERSION}; re-run data_prep")
+    deco = Decomposition(manifest["image_shape"][1:], manifest["grid"], manifest["overlap"])
+    if [[list(b) for b in box] for box in deco.boxes()] != manifest["boxes"]:
+        raise UserError(f"{path}: boxes do not match grid {manifest['grid']} and overlap {manifest['overlap']}")
+    return manifest
+
+
+def decomposition_of(manifest: dict) -> Decomposition:
+    return Decomposition(manifest["image_shape"][1:], manifest["grid"], manifest["overlap"])
+
+
+class ShardReader:
+    """Read one shard (``index`` a subdomain, or ``None`` for ``full.h5``) of a prepared dataset."""
+
+    def __init__(self, data_dir: str, index: int | None, manifest: dict | None = None):
+        self.data_dir = data_dir
+        self.manifest = manifest if manifest is not None else load_manifest(data_dir)
+        self.index = index
+        self.name = FULL_NAME if index is None else shard_name(index)
+        self.path = os.path.join(data_dir, self.name)
+        self._file = None
+
+    def open(self):
+        """Open read-only in this process (call after any fork)."""
+        import h5py
+
+        if self._file is None:
+            if not os.path.isfile(self.path):
+                raise UserError(f"{self.path}: missing shard; re-run data_prep for {self.data_dir}")
+            try:
+                self._file = h5py.File(self.path, "r")
+            except OSError as e:
+                raise UserError(f"{self.path}: not a readable HDF5 file ({_short(e)})") from None
+        return self._file
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self):
+        self.open()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def expected_shape(self) -> tuple[int, ...]:
+        m, margin = self.manifest, self.manifest["margin"]
+        c = m["image_shape"][0]
+        if self.index is None:
+            spatial = m["image_shape"][1:]
+        else:
+            spatial = [b - a for a, b in m["boxes"][self.index]]
+        return (c,) + tuple(s + 2 * margin for s in spatial)
+
+    def validate(self, deep: bool = False) -> None:
+        """Check this shard against the manifest: attributes, shapes, sample ids (and pixels if deep)."""
+        f = self.open()
+        m = self.manifest
+        where = self.path
+        try:
+            attrs = dict(f.attrs)
+            checks = [("format_version", FORMAT_VERSION), ("prep_id", m["prep_id"]),
+                      ("grid", list(m["grid"])), ("overlap", m["overlap"]), ("margin", m["margin"])]
+            for key, want in checks:
+                got = attrs.get(key)
+                got = got.tolist() if isinstance(got, np.ndarray) else got
+                got = got.decode() if isinstance(got, bytes) else got
+                if got != want:
+                    raise UserError(f"{where}: attribute {key} is {got!r} but the manifest says {want!r}; "
+                                    f"shards come from different data_prep runs")
+            if self.index is not None and np.asarray(attrs.get("box")).tolist() != m["boxes"][self.index]:
+                raise UserError(f"{where}: box differs from the manifest's box for subdomain {self.index}")
+            shape = self.expected_shape()
+            for split, n in m["splits"].items():
+                if split not in f:
+                    raise UserError(f"{where}: missing split group {split!r}")
+                g = f[split]
+                for key in ("x", "y", "sample_id"):
+                    if key not in g:
+                        raise UserError(f"{where}: missing dataset {split}/{key}")
+                if tuple(g["x"].shape) != (n,) + shape:
+                    raise UserError(f"{where}: {split}/x has shape {tuple(g['x'].shape)}, expected {(n,) + shape}")
+                if g["y"].shape != (n,) or g["sample_id"].shape != (n,):
+                    raise UserError(f"{where}: {split}/y or sample_id do not hold {n} entries")
+                if ids_digest(g["sample_id"][:]) != m["sample_ids_sha256"][split]:
+                    raise UserError(f"{where}: {split} sample ids differ from the manifest; "
+                                    f"shards come from different data_prep runs")
+                y = g["y"][:]
+                if n and (y.min() < 0 or y.max() >= len(m["classes"])):
+                    raise UserError(f"{where}: {split} labels outside 0..{len(m['classes']) - 1}")
+                if deep:
+                    self._check_pixels(g["x"], f"{where}: {split}/x")
+        except UserError:
+            raise
+        except (OSError, KeyError, ValueError, RuntimeError) as e:
+            raise UserError(f"{where}: corrupt or truncated HDF5 file ({_short(e)})") from None
+
+    @staticmethod
+    def _check_pixels(ds, where: str) -> None:
+        step = max(1, ds.chunks[0] if ds.chunks else 1024) * 64
+        for a in range(0, ds.shape[0], step):
+            block = ds[a:a + step]
+            if block.dtype.kind == "f" and not np.all(np.isfinite(block)):
+                raise UserError(f"{where}: contains NaN or Inf pixels")
+
+    def count(self, split: str) -> int:
+        return int(self.manifest["splits"][split])
+
+    def read(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The whole split in memory: (x, y, sample_id)."""
+        g = self._group(split)
+        try:
+            return g["x"][:], g["y"][:].astype(np.int64), g["sample_id"][:].astype(np.int64)
+        except (OSError, RuntimeError) as e:
+            raise UserError(f"{self.path}: corrupt or truncated HDF5 data in {split} ({_short(e)})") from None
+
+    def read_rows(self, split: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows in any order (read sorted, as HDF5 requires, then put back in the asked order)."""
+        g = self._group(split)
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        uniq, inverse = np.unique(sorted_rows, return_inverse=True)
+        x = g["x"][uniq][inverse]
+        y = g["y"][uniq][inverse]
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        return x[back], y[back].astype(np.int64)
+
+    def iter_chunks(self, split: str, rows_per_read: int = 8192):
+        """Stream a split in order, ``rows_per_read`` samples at a time: yields (x, y, sample_id)."""
+        g = self._group(split)
+        n = g["x"].shape[0]
+        for a in range(0, n, rows_per_read):
+            yield g["x"][a:a + rows_per_read], g["y"][a:a + rows_per_read], g["sample_id"][a:a + rows_per_read]
+
+    def nbytes(self, split: str) -> int:
+        ds = self._group(split)["x"]
+        return int(np.prod(ds.shape)) * ds.dtype.itemsize
+
+    def _group(self, split: str):
+        f = self.open()
+        if split not in f:
+            raise UserError(f"{self.path}: missing split group {split!r}")
+        return f[split]
+
+
+def _short(e: BaseException) -> str:
+    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+
+
+@dataclass
+class SplitData:
+    """One split of one shard ready for training: normalised float32 in memory, or streamed.
+
+    ``x`` keeps the stored margin; ``batch`` crops it (shifted for augmentation, centred otherwise).
+    """
+
+    reader: ShardReader
+    split: str
+    x: "object"  # torch.Tensor (n, C, *spatial_with_margin) or None when streaming
+    y: "object"  # torch.Tensor (n,)
+    ids: np.ndarray
+    mean: "object"
+    std: "object"
+    scale: float
+    margin: int
+
+    @classmethod
+    def load(cls, reader: ShardReader, split: str, memory_limit: int = DEFAULT_MEMORY_LIMIT) -> "SplitData":
+        import torch
+
+        m = reader.manifest
+        c = m["image_shape"][0]
+        dims = len(m["image_shape"]) - 1
+        view = (1, c) + (1,) * dims
+        mean = torch.tensor(m["mean"], dtype=torch.float32).view(view)
+        std = torch.tensor(m["std"], dtype=torch.float32).view(view)
+        n = reader.count(split)
+        g = reader._group(split)
+        ids = g["sample_id"][:].astype(np.int64)
+        y = torch.from_numpy(g["y"][:].astype(np.int64))
+        in_memory = n * int(np.prod(reader.expected_shape())) * 4 <= memory_limit
+        self = cls(reader, split, None, y, ids, mean, std, float(m["scale"]), int(m["margin"]))
+        if in_memory:
+            xs = []
+            for x, _, _ in reader.iter_chunks(split):
+                xs.append(self._normalise(torch.from_numpy(x)))
+            self.x = torch.cat(xs) if xs else torch.zeros((0,) + reader.expected_shape())
+        return self
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def in_memory(self) -> bool:
+        return self.x is not None
+
+    def _normalise(self, x):
+        import torch
+
+        return (x.to(torch.float32) * self.scale - self.mean) / self.std
+
+    def batch(self, rows: np.ndarray, shifts: np.ndarray | None = None):
+        """(x, y) for the given rows, cropped to the subimage (shifted by ``shifts`` if given)."""
+        import torch
+
+        if self.x is not None:
+            idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+            x, y = self.x.index_select(0, idx), self.y.index_select(0, idx)
+        else:
+            xr, yr = self.reader.read_rows(self.split, np.asarray(rows))
+            x, y = self._normalise(torch.from_numpy(xr)), torch.from_numpy(yr)
+        return crop(x, self.margin, shifts), y
+
+
+def crop(x, margin: int, shifts: np.ndarray | None = None):
+    """Cut the subimage out of a batch stored with ``margin`` pixels around it.
+
+    ``shifts`` (B, dims) in [-margin, margin] move the window per sample: the same global
+    translation of the whole image seen through every subdomain.
+    """
+    if margin == 0:
+        return x
+    dims = x.dim() - 2
+    size = [s - 2 * margin for s in x.shape[2:]]
+    if shifts is None:
+        return x[(Ellipsis,) + tuple(slice(margin, margin + s) for s in size)]
+    import torch
+
+    out = torch.empty(x.shape[:2] + tuple(size), dtype=x.dtype, device=x.device)
+    keys = [tuple(s) for s in shifts.tolist()]
+    for key in set(keys):
+        sel = torch.tensor([b for b, k in enumerate(keys) if k == key], dtype=torch.long)
+        window = tuple(slice(margin + key[d], margin + key[d] + size[d]) for d in range(dims))
+        out[sel] = x[sel][(Ellipsis,) + window]
+    return out

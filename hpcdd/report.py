@@ -1,0 +1,254 @@
+"""The report: the paper's comparison of every method, plots, and the exported CNN-DNN.
+
+Rank 0 reads what the phases wrote under RUN/ and writes RUN/results.json, RUN/results.md,
+RUN/plots/*.png (when matplotlib is installed) and RUN/model.pt.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from . import __version__, checkpoint
+from .data import SPLITS, ShardReader, decomposition_of
+
+MODEL_FORMAT = "hpcdd-cnn-dnn"
+MODEL_VERSION = 1
+
+
+def _maybe(path: str):
+    return checkpoint.read_json(path) if os.path.exists(path) else None
+
+
+def collect(ctx) -> dict:
+    """Everything the phases measured, as one dict (the body of results.json)."""
+    cfg, m = ctx.cfg, ctx.manifest
+    local = _maybe(ctx.path("local", "result.json"))
+    agg = _maybe(ctx.path("aggregate", "result.json"))
+    glob = _maybe(ctx.path("global", "result.json"))
+    coherent = {s: _maybe(ctx.path("coherent", s, "result.json")) for s in cfg.coherent.strategies}
+    rows = []
+    local_params = sum(s["parameters"] for s in local["subdomains"]) if local else None
+    local_wall = local["wall_seconds"] if local else None
+    agg_wall = agg["dnn"]["wall_seconds"] if agg else None
+    decomposed = (local_wall + agg_wall) if local and agg else None
+
+    def row(method, val, test, params, wall, epochs, **extra):
+        rows.append(dict(method=method, val=val, test=test, parameters=params, train_seconds=wall,
+                         seconds_per_epoch=(wall / epochs if wall is not None and epochs else None), **extra))
+
+    if glob:
+        row("global CNN", glob["val"], glob["test"], glob["parameters"], glob["wall_seconds"], glob["epochs"])
+    if agg:
+        lv = [r["val"] for r in agg["local"]]
+        lt = [r["test"] for r in agg["local"]]
+        each = [s["parameters"] for s in local["subdomains"]]
+        row("local CNNs (min / mean / max)", [min(lv), float(np.mean(lv)), max(lv)],
+            [min(lt), float(np.mean(lt)), max(lt)], each, local_wall, cfg.local.epochs)
+        meth = agg["methods"]
+        row("average probability", meth["average"]["val"], meth["average"]["test"], local_params, decomposed, None)
+        row("majority vote", meth["vote"]["val"], meth["vote"]["test"], local_params, decomposed, None)
+        row("CNN-DNN", meth["dnn"]["val"], meth["dnn"]["test"], local_params + agg["dnn"]["parameters"],
+            decomposed, None, dnn_seconds=agg_wall)
+    for strategy, res in coherent.items():
+        if res:
+            params = local_params + agg["dnn"]["parameters"] if agg else None
+            row(f"coherent CNN-DNN ({strategy})", res["val"], res["test"], params, res["train_seconds"],
+                res["epochs"], comm_seconds=res["comm_seconds"], initial_val=res["initial_val"])
+    speedup = (glob["wall_seconds"] / decomposed) if glob and decomposed else None
+    return {
+        "tool": f"hpcdd {__version__}",
+        "dataset": m["dataset"], "grid": m["grid"], "overlap": m["overlap"], "image_shape": m["image_shape"],
+        "splits": m["splits"], "ranks": ctx.world.size, "threads_per_rank": ctx.world.threads,
+        "device": str(ctx.world.device), "model_family": cfg.model.family,
+        "epochs": {"local": cfg.local.epochs, "dnn": cfg.dnn.epochs, "global": cfg.global_.epochs,
+                   **{f"coherent_{s}": getattr(cfg.coherent, s).epochs for s in cfg.coherent.strategies}},
+        "rows": rows,
+        "decomposed_seconds": decomposed,
+        "global_seconds": glob["wall_seconds"] if glob else None,
+        "speedup_decomposed_over_global": speedup,
+        "local_subdomains": agg["local"] if agg else None,
+    }
+
+
+def _fmt(v, digits=4):
+    if v is None:
+        return "-"
+    if isinstance(v, list):
+        if all(isinstance(x, int) for x in v):
+            return f"{min(v):,} .. {max(v):,} each" if min(v) != max(v) else f"{v[0]:,} each"
+        return " / ".join(_fmt(x, digits) for x in v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    return f"{v:.{digits}f}"
+
+
+def markdown(results: dict) -> str:
+    r = results
+    lines = [f"# hpcdd results: {r['dataset']}, grid {'x'.join(map(str, r['grid']))}, overlap {r['overlap']}",
+             "",
+             f"{r['ranks']} rank(s), {r['threads_per_rank']} thread(s) per rank, device {r['device']}, "
+             f"model family {r['model_family']}; epochs: " + ", ".join(f"{k} {v}" for k, v in r["epochs"].items())
+             + "; samples: " + ", ".join(f"{k} {v}" for k, v in r["splits"].items()) + ".",
+             "",
+             "| method | val accuracy | test accuracy | parameters | training wall time (s) | time per epoch (s) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in r["rows"]:
+        lines.append(f"| {row['method']} | {_fmt(row['val'])} | {_fmt(row['test'])} | {_fmt(row['parameters'])} | "
+                     f"{_fmt(row['train_seconds'], 1)} | {_fmt(row['seconds_per_epoch'], 2)} |")
+    lines.append("")
+    if r["speedup_decomposed_over_global"]:
+        lines.append(f"Decomposed pipeline (local + aggregate): {r['decomposed_seconds']:.1f} s; global CNN: "
+                     f"{r['global_seconds']:.1f} s; speedup {r['speedup_decomposed_over_global']:.2f}x.")
+    lines.append("Average probability, majority vote and CNN-DNN share the local CNNs; their time is local + "
+                 "aggregate. Coherent rows count only their own phase's time (transfer starts from the trained "
+                 "local CNNs and DNN). Majority-vote ties go to the class with the larger summed probability.")
+    return "\n".join(lines) + "\n"
+
+
+def choose_export(ctx, results: dict) -> tuple[str, str, str]:
+    """(method, local CNN directory, DNN file) of the best CNN-DNN on validation."""
+    options = []
+    for row in results["rows"]:
+        if row["method"] == "CNN-DNN":
+            options.append((row["val"], row["method"], ctx.path("local"), ctx.path("aggregate", "dnn.pt")))
+        elif row["method"].startswith("coherent"):
+            s = row["method"].split("(")[1].rstrip(")")
+            options.append((row["val"], row["method"], ctx.path("coherent", s), ctx.path("coherent", s, "dnn.pt")))
+    if not options:
+        return None
+    best = max(options, key=lambda o: o[0])
+    return best[1], best[2], best[3]
+
+
+def export_model(ctx, results: dict) -> str | None:
+    """RUN/model.pt: configuration and weights of the chosen CNN-DNN, for ``hpcdd.predict``."""
+    choice = choose_export(ctx, results)
+    if choice is None:
+        return None
+    method, local_dir, dnn_path = choice
+    m, cfg = ctx.manifest, ctx.cfg
+    locals_ = {f"sub_{i:03d}": checkpoint.load(os.path.join(local_dir, f"sub_{i:03d}.pt"))["model"]
+               for i in range(ctx.n)}
+    row = next(r for r in results["rows"] if r["method"] == method)
+    meta = {
+        "format": MODEL_FORMAT, "version": MODEL_VERSION, "tool": f"hpcdd {__version__}", "method": method,
+        "val_accuracy": row["val"], "test_accuracy": row["test"],
+        "classes": list(m["classes"]), "image_shape": list(m["image_shape"]), "grid": list(m["grid"]),
+        "overlap": m["overlap"], "boxes": m["boxes"], "mean": m["mean"], "std": m["std"], "scale": m["scale"],
+        "dtype": m["dtype"], "prep_id": m["prep_id"],
+        "model": {"family": cfg.model.family, "widths": list(cfg.model.widths),
+                  "convs_per_block": cfg.model.convs_per_block, "hidden": cfg.model.hidden,
+                  "dropout": cfg.model.dropout, "width_scale": ctx.width_scale},
+        "dnn": {"hidden": list(cfg.dnn.hidden), "dropout": cfg.dnn.dropout, "input": cfg.dnn.input},
+    }
+    path = ctx.path("model.pt")
+    checkpoint.save({"meta": meta, "local": locals_, "dnn": checkpoint.load(dnn_path)["model"]}, path)
+    return path
+
+
+def plots(ctx, results: dict) -> list[str]:
+    """Test accuracy per method, training curves per phase, one image with the grid drawn on it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    out = ctx.path("plots")
+    os.makedirs(out, exist_ok=True)
+    written = []
+    rows = results["rows"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    names = [r["method"] for r in rows]
+    tests = [r["test"][1] if isinstance(r["test"], list) else r["test"] for r in rows]
+    ax.barh(names, tests, color="tab:blue")
+    for y, v in enumerate(tests):
+        ax.text(v, y, f" {v:.3f}", va="center")
+    ax.set_xlim(0, 1.08)
+    ax.set_xlabel("test accuracy (local CNNs: mean)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    written.append(_save(fig, os.path.join(out, "accuracy.png")))
+    plt.close(fig)
+
+    curves = []
+    local = _maybe(ctx.path("local", "result.json"))
+    for s in (local or {}).get("subdomains", []):
+        ck = ctx.path("local", f"sub_{s['subdomain']:03d}.pt")
+        if os.path.exists(ck):
+            curves.append((f"local {s['subdomain']}", checkpoint.load(ck)["summary"]["history"], "local"))
+    for strategy in ctx.cfg.coherent.strategies:
+        res = _maybe(ctx.path("coherent", strategy, "result.json"))
+        if res:
+            curves.append((f"coherent {strategy}", res["history"], "coherent"))
+    glob = _maybe(ctx.path("global", "result.json"))
+    if glob:
+        curves.append(("global CNN", glob["history"], "global"))
+    if curves:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for label, hist, kind in curves:
+            ep = [e["epoch"] for e in hist]
+            style = {"local": dict(lw=0.8, alpha=0.6), "coherent": dict(lw=2), "global": dict(lw=2, ls="--")}[kind]
+            axes[0].plot(ep, [e["loss"] for e in hist], label=label if kind != "local" or label.endswith(" 0") else None, **style)
+            axes[1].plot(ep, [e["val_acc"] for e in hist], label=label, **style)
+        axes[0].set_title("training loss")
+        axes[1].set_title("validation accuracy")
+        for a in axes:
+            a.set_xlabel("epoch")
+        axes[1].legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        written.append(_save(fig, os.path.join(out, "training_curves.png")))
+        plt.close(fig)
+
+    m = ctx.manifest
+    if m.get("full"):
+        with ShardReader(ctx.cfg.data, None, m) as reader:
+            x = reader._group("test")["x"][0]
+        mg = m["margin"]
+        if mg:
+            x = x[(Ellipsis,) + tuple(slice(mg, s - mg) for s in x.shape[1:])]
+        if x.ndim == 4:
+            x = x[:, x.shape[1] // 2]
+        img = x.transpose(1, 2, 0).astype(np.float32)
+        img = (img - img.min()) / max(float(img.max() - img.min()), 1e-9)
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray")
+        deco = decomposition_of(m)
+        for i, box in enumerate(m["boxes"]):
+            (y0, y1), (x0, x1) = box[-2], box[-1]
+            ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,
+                                       color=plt.cm.tab10(i % 10), lw=1.5))
+            if deco.dims == 2:
+                ax.text(x0 + 0.5, y0 + 1.5, str(i), color=plt.cm.tab10(i % 10), fontsize=8)
+        ax.set_title(f"{'x'.join(map(str, m['grid']))} decomposition, overlap {m['overlap']}")
+        ax.axis("off")
+        fig.tight_layout()
+        written.append(_save(fig, os.path.join(out, "decomposition.png")))
+        plt.close(fig)
+    return written
+
+
+def _save(fig, path: str) -> str:
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+    return path
+
+
+def write_report(ctx) -> dict:
+    results = collect(ctx)
+    exported = export_model(ctx, results)
+    results["exported_model"] = None if exported is None else {"path": "model.pt",
+                                                               "method": choose_export(ctx, results)[0]}
+    results["plots"] = [os.path.relpath(p, ctx.run_dir) for p in plots(ctx, results)]
+    checkpoint.write_json(results, ctx.path("results.json"))
+    text = markdown(results)
+    checkpoint.write_text(text, ctx.path("results.md"))
+    ctx.log(text)
+    return results
+
+
+__all__ = ["write_report", "collect", "markdown", "export_model", "SPLITS"]

@@ -1,0 +1,119 @@
+"""``python -m hpcdd.run``: parse the configuration, build the world, run the phases, clean up.
+
+    srun -n 4 python -m hpcdd.run --data DATA --out RUN [--config run.toml] [--set local.epochs=10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+
+from .cli_util import OneLineParser
+from .config import PHASES, Config, build_config, dumps, load_toml, parse_override
+from .errors import EXIT_USER_ERROR, UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="hpcdd.run", description=(
+        "Train a CNN-DNN by domain decomposition on prepared HDF5 shards: local CNNs in parallel over MPI "
+        "ranks, the DNN aggregator, the coherent CNN-DNN and the global CNN baseline. Launch with srun, "
+        "mpirun/mpiexec or plain python."))
+    p.add_argument("--config", metavar="FILE", help="TOML file with configuration sections (see README)")
+    p.add_argument("--data", metavar="DATA", help="directory written by data_prep")
+    p.add_argument("--out", metavar="RUN", help="run directory to create (must not exist)")
+    p.add_argument("--phases", help=f"comma-separated subset of {','.join(PHASES)} (default: all)")
+    p.add_argument("--epochs", type=int, help="epochs of every CNN training phase (local, coherent, global)")
+    p.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: the GPU of the local rank if any")
+    p.add_argument("--threads", type=int, help="torch threads per rank (default: cores per node / ranks per node)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any configuration key, e.g. --set local.lr=0.01 (repeatable)")
+    p.add_argument("--force", action="store_true", help="replace RUN if it exists")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in RUN where it stopped")
+    p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    return p
+
+
+def resolve_config(args) -> Config:
+    """Defaults < TOML file < command line; with --resume, the run's own config.json."""
+    overrides = dict(parse_override(s) for s in args.set)
+    for key in ("data", "out", "seed", "device", "threads", "phases"):
+        value = getattr(args, key)
+        if value is not None:
+            overrides[key] = value
+    if args.epochs is not None:
+        for key in ("local.epochs", "global.epochs", "coherent.scratch.epochs", "coherent.transfer.epochs"):
+            overrides[key] = args.epochs
+    if args.resume:
+        from .checkpoint import read_json
+
+        if args.config or args.force or set(overrides) - {"phases", "out", "threads"}:
+            raise UserError("--resume takes its configuration from RUN/config.json; give only --phases or --threads with it")
+        if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
+            raise UserError(f"--out {args.out} differs from --resume {args.resume}; give only --resume")
+        path = os.path.join(args.resume, "config.json")
+        if not os.path.isfile(path):
+            raise UserError(f"--resume {args.resume}: no {path}; is it a run directory?")
+        saved = read_json(path)
+        saved.pop("meta", None)
+        overrides["out"] = args.resume
+        return build_config(saved, overrides, path)
+    values = load_toml(args.config) if args.config else {}
+    cfg = build_config(values, overrides, args.config or "config")
+    if not cfg.data:
+        raise UserError("--data: missing; give the directory written by data_prep (or data = \"...\" in --config)")
+    if not cfg.out:
+        raise UserError("--out: missing; give a new run directory (or out = \"...\" in --config)")
+    return cfg
+
+
+def env_rank() -> int:
+    from .parallel import world_info
+
+    return world_info(os.environ).rank
+
+
+def main(argv=None) -> int:
+    world = None
+    ctx = None
+    try:
+        args = build_parser().parse_args(argv)
+        cfg = resolve_config(args)
+        if args.print_config:
+            if env_rank() == 0:
+                print(dumps(cfg))
+            return 0
+        from .parallel import init_world
+
+        world = init_world(device=cfg.device, threads=cfg.threads or None)
+        from .runner import prepare, run_phases
+
+        ctx = prepare(cfg, world, resume=bool(args.resume), force=args.force)
+        run_phases(ctx)
+        return 0
+    except UserError as e:
+        from .parallel import user_error_exit
+
+        collective = world is None or ctx is None
+        if world is None:
+            if env_rank() == 0:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_USER_ERROR)
+        user_error_exit(world, str(e), collective)
+    except SystemExit:
+        raise
+    except BaseException as e:  # noqa: BLE001 - any failure on one rank must end every rank
+        from .parallel import report_failure
+
+        report_failure(world, e)
+    finally:
+        if ctx is not None:
+            ctx.release()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

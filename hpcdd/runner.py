@@ -1,0 +1,131 @@
+"""Validation before training, the run directory, and the phases in order.
+
+Everything here runs the same way on every rank; errors found by any rank are agreed over MPI
+(``World.agree``) so every rank stops with the same one-line message instead of some ranks
+waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+
+from . import __version__, checkpoint
+from .config import Config, dumps
+from .data import SPLITS, ShardReader, load_manifest
+from .errors import UserError
+from .parallel import World
+from .phases import PHASE_FUNCTIONS, Context
+
+
+def _validate_data(cfg: Config, world: World) -> dict:
+    manifest = load_manifest(cfg.data)
+    n = len(manifest["shards"])
+    own = world.set_ownership(n)
+    if cfg.num_classes and cfg.num_classes != len(manifest["classes"]):
+        raise UserError(f"num_classes = {cfg.num_classes} but {cfg.data} has {len(manifest['classes'])} classes")
+    for split in SPLITS:
+        if manifest["splits"].get(split, 0) < 1:
+            raise UserError(f"{cfg.data}: the {split} split is empty; re-run data_prep")
+    deep = manifest["dtype"] != "uint8"
+    for i in own.subdomains:
+        with ShardReader(cfg.data, i, manifest) as reader:
+            reader.validate(deep=deep)
+    if "global" in cfg.phases:
+        if not manifest.get("full"):
+            raise UserError(f"{cfg.data}: no full.h5 (prepared with --no-full); drop the global phase or re-run data_prep")
+        if world.rank == 0:
+            with ShardReader(cfg.data, None, manifest) as reader:
+                reader.validate(deep=deep)
+    for name, t in (("local", cfg.local), ("global", cfg.global_), ("coherent.scratch", cfg.coherent.scratch),
+                    ("coherent.transfer", cfg.coherent.transfer)):
+        if t.augment_shift > manifest["margin"]:
+            raise UserError(f"{name}.augment_shift = {t.augment_shift} needs shards stored with --margin "
+                            f">= {t.augment_shift}, but {cfg.data} has margin {manifest['margin']}")
+    from .models import build_model
+    from .phases import Context as _C
+
+    probe = _C(cfg, world, cfg.out, manifest)
+    for i in own.subdomains:
+        build_model(probe.spec, manifest["image_shape"][0], [b - a for a, b in manifest["boxes"][i]],
+                    len(manifest["classes"]), probe.width_scale)
+    return manifest
+
+
+def _needs(cfg: Config, run_dir: str, state: dict) -> None:
+    """A phase that starts from earlier results needs them in this run or in this invocation."""
+    done = {p for p, v in state.get("phases", {}).items() if v.get("done")} | set(cfg.phases)
+    want = set(cfg.phases)
+    if "aggregate" in want and "local" not in done:
+        raise UserError("--phases aggregate needs the local phase: add local to --phases or resume a run that has it")
+    if "coherent" in want and "transfer" in cfg.coherent.strategies and not {"local", "aggregate"} <= done:
+        raise UserError("--phases coherent with strategy transfer needs the local and aggregate phases: add them to "
+                        "--phases, resume a run that has them, or set coherent.strategies = [\"scratch\"]")
+
+
+def _check_run_dir(cfg: Config, resume: bool, force: bool) -> dict:
+    out = cfg.out
+    state = {}
+    if resume:
+        path = os.path.join(out, "state.json")
+        state = checkpoint.read_json(path) if os.path.exists(path) else {}
+    elif os.path.exists(out):
+        if not force:
+            raise UserError(f"--out {out}: already exists; choose a new run directory, continue it with "
+                            f"--resume {out}, or replace it with --force")
+        if not os.path.isdir(out):
+            raise UserError(f"--out {out}: exists and is not a directory")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise UserError(f"--out {out}: parent directory {parent} does not exist")
+    target = out if os.path.isdir(out) else parent
+    if not os.access(target, os.W_OK):
+        raise UserError(f"--out {out}: {target} is not writable")
+    _needs(cfg, out, state)
+    return state
+
+
+def prepare(cfg: Config, world: World, resume: bool = False, force: bool = False) -> Context:
+    """Validate data, configuration and run directory on every rank; then rank 0 creates RUN."""
+    error = None
+    manifest, state = None, {}
+    try:
+        manifest = _validate_data(cfg, world)
+        state = _check_run_dir(cfg, resume, force)
+    except UserError as e:
+        error = str(e)
+    error = world.agree(error)
+    if error:
+        raise UserError(error)
+    if world.is_root:
+        if not resume:
+            if os.path.exists(cfg.out):
+                shutil.rmtree(cfg.out)
+            os.makedirs(cfg.out)
+            meta = {"tool": f"hpcdd {__version__}", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "ranks": world.size, "threads_per_rank": world.threads, "device": str(world.device),
+                    "host": platform.node(), "prep_id": manifest["prep_id"]}
+            checkpoint.write_json(dict(json.loads(dumps(cfg)), meta=meta), os.path.join(cfg.out, "config.json"))
+            checkpoint.write_json({"phases": {}}, os.path.join(cfg.out, "state.json"))
+            state = {"phases": {}}
+    world.barrier()
+    ctx = Context(cfg, world, cfg.out, manifest, state=state)
+    own = world.own
+    ctx.log(f"hpcdd {__version__}: {world.size} rank(s), {world.threads} thread(s) each, device {world.device}; "
+            f"{manifest['dataset']} {'x'.join(map(str, manifest['grid']))} grid"
+            + (f", {own.replicas} replicas per subdomain" if own.replicas > 1 else
+               f", up to {max(len(s) for s in own.table)} subdomain(s) per rank"))
+    return ctx
+
+
+def run_phases(ctx: Context) -> None:
+    for phase in ctx.cfg.phases:
+        if ctx.done(phase) and phase != "report":
+            ctx.log(f"[{phase}] already complete, skipped")
+            continue
+        t0 = time.perf_counter()
+        PHASE_FUNCTIONS[phase](ctx)
+        ctx.log(f"[{phase}] done in {time.perf_counter() - t0:.1f} s")
