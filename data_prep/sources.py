@@ -12,6 +12,7 @@ import hashlib
 import os
 import pickle
 import struct
+import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -332,7 +333,7 @@ def load_npz(path: str, name: str | None = None, volume: bool | None = None, num
     try:
         z = np.load(path, allow_pickle=False)
         keys = set(z.files)
-    except (OSError, ValueError, zlib.error, EOFError) as e:
+    except (OSError, ValueError, zlib.error, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"{path}: not a readable .npz file ({e})") from None
 
     def get(key):
@@ -343,7 +344,7 @@ def load_npz(path: str, name: str | None = None, volume: bool | None = None, num
                 raise UserError(f"{path}: {key} holds images of different sizes or Python objects; "
                                 f"expected one numeric array with all images the same size") from None
             raise UserError(f"{path}: cannot read {key} ({e})") from None
-        except (OSError, EOFError, zlib.error) as e:
+        except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as e:
             raise UserError(f"{path}: corrupt or truncated ({key}: {e})") from None
 
     for key in ("x", "y"):

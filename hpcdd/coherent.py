@@ -127,7 +127,7 @@ class DistributedCoherent:
             allreduce_grads_(list(self.local_parameters()), self.world.group)
             self.comm_time += time.perf_counter() - t0
         optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
     @torch.no_grad()
     def local_outputs(self, data: dict, rows: np.ndarray, device, batch_size: int) -> np.ndarray:

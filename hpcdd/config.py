@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from .errors import UserError
 
 PHASES = ("local", "aggregate", "coherent", "global", "report")
+FAMILIES = ("vgg", "resnet20", "resnet32", "resnet18")
 STRATEGIES = ("scratch", "transfer")
 
 
@@ -219,8 +220,6 @@ def _train_checks(prefix: str, t: TrainConfig) -> list[tuple[bool, str]]:
 
 
 def validate(cfg: Config) -> None:
-    from .models import FAMILIES
-
     m, d = cfg.model, cfg.dnn
     checks = [
         (bool(cfg.phases), "phases: expected at least one of " + ", ".join(PHASES)),

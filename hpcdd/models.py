@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .config import FAMILIES
 from .errors import UserError
-
-FAMILIES = ("vgg", "resnet20", "resnet32", "resnet18")
 
 
 @dataclass(frozen=True)

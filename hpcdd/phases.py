@@ -290,15 +290,15 @@ def coherent_accuracy(ctx: Context, model: DistributedCoherent, split: str) -> f
     mine = model.local_outputs(data, np.arange(n), ctx.device, ctx.cfg.eval_batch_size) if own.replica == 0 \
         else np.zeros((0, n, ctx.k), np.float32)
     full = gather_rows(ctx.world, mine)
-    acc = np.zeros(1)
+    acc = None
     if ctx.world.is_root:
         z = torch.from_numpy(np.ascontiguousarray(full.transpose(1, 0, 2))).to(ctx.device)
         model.dnn.eval()
         with torch.no_grad():
             pred = model.dnn(z).argmax(1).cpu().numpy()
         model.dnn.train()
-        acc[0] = accuracy(pred, labels_of(ctx, split).numpy())
-    return float(bcast_array(ctx.world, acc)[0])
+        acc = accuracy(pred, labels_of(ctx, split).numpy())
+    return float(ctx.world.bcast_obj(acc))
 
 
 def _coherent_states(model: DistributedCoherent) -> dict:
@@ -343,7 +343,10 @@ def train_coherent(ctx: Context, strategy: str, t: TrainConfig) -> None:
         sched.load_state_dict(s["scheduler"])
         start, best_val, best_epoch, history, seconds = s["epoch"], s["best_val"], s["best_epoch"], s["history"], s["seconds"]
         best = s["best"]
-    initial_val = coherent_accuracy(ctx, model, "val") if start == 0 else None
+    if start == 0:  # the starting point is a candidate too: transfer never ends below where it began
+        initial_val = best_val = coherent_accuracy(ctx, model, "val")
+    else:
+        initial_val = s.get("initial_val")
     train = {i: ctx.data(i, "train") for i in own.subdomains}
     n = ctx.manifest["splits"]["train"]
     first = own.subdomains[0]
@@ -376,7 +379,8 @@ def train_coherent(ctx: Context, strategy: str, t: TrainConfig) -> None:
             best_val, best_epoch, best = val, epoch + 1, _coherent_states(model)
         checkpoint.save({"current": _coherent_states(model), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "epoch": epoch + 1, "best": best, "best_val": best_val,
-                         "best_epoch": best_epoch, "history": history, "seconds": seconds}, ckpt)
+                         "best_epoch": best_epoch, "history": history, "seconds": seconds,
+                         "initial_val": initial_val}, ckpt)
         ctx.event(phase="coherent", strategy=strategy, **event)
         ctx.log(f"[coherent {strategy}] epoch {epoch + 1}/{t.epochs}: loss {event['loss']:.4f} val {val:.4f} "
                 f"({elapsed:.1f} s, communication {model.comm_time:.1f} s)")

@@ -101,6 +101,22 @@ def buffers_of(model) -> list:
     return [b for b in model.buffers() if b.dtype.is_floating_point]
 
 
+def train_step(model, opt, params, x, y, batch: int, comm=None):
+    """One optimizer step on this worker's rows of a minibatch of ``batch`` samples.
+
+    The loss is the sum over this worker's rows divided by the whole minibatch, so summing the
+    gradients over the data-parallel workers (one Allreduce) gives the minibatch gradient.
+    """
+    out = model(x)
+    loss = F.cross_entropy(out, y, reduction="sum") / batch
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if comm is not None:
+        allreduce_grads_(params, comm)
+    opt.step()
+    return loss, out
+
+
 @dataclass
 class FitResult:
     best_state: dict
@@ -161,13 +177,7 @@ def fit(model, spec: Fit) -> FitResult:
             seed_step(spec.seed, TAG_DROPOUT, *spec.key, epoch, step, part)
             x, y = spec.train.batch(mine, None if shifts is None else shifts[mine])
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            out = model(x)
-            loss = F.cross_entropy(out, y, reduction="sum") / len(rows)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if parts > 1:
-                allreduce_grads_(params, spec.comm)
-            opt.step()
+            loss, out = train_step(model, opt, params, x, y, len(rows), spec.comm if parts > 1 else None)
             loss_sum += loss.detach() * len(rows)
             correct += (out.detach().argmax(1) == y).sum()
             seen += len(mine)

@@ -1,0 +1,127 @@
+"""``python -m hpcdd.predict RUN --data DATA --split test``: the exported CNN-DNN on full images.
+
+One process, no MPI: it cuts the full images of ``DATA/full.h5`` into subimages itself, runs the
+N local CNNs and the DNN, and prints the accuracy (and writes per-sample predictions on request).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+
+import numpy as np
+
+from .cli_util import OneLineParser
+from .errors import UserError, fail
+
+
+def build_parser():
+    p = OneLineParser(prog="hpcdd.predict", description="Evaluate the CNN-DNN exported by a run (RUN/model.pt).")
+    p.add_argument("run", metavar="RUN", help="run directory (or a model.pt file)")
+    p.add_argument("--data", required=True, help="directory written by data_prep (its full.h5 is read)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--output", metavar="CSV", help="write sample_id, label, prediction, probabilities")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    return p
+
+
+def load_model(path: str):
+    """(CoherentModel, meta) from a model.pt; a UserError if it is not one."""
+    from . import checkpoint
+    from .aggregators import DNN
+    from .coherent import CoherentModel
+    from .models import ModelSpec, build_model
+    from .report import MODEL_FORMAT, MODEL_VERSION
+
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.pt")
+    if not os.path.exists(path):
+        raise UserError(f"{path}: missing; the report phase writes it at the end of a run")
+    saved = checkpoint.load(path)
+    meta = saved.get("meta", {}) if isinstance(saved, dict) else {}
+    if meta.get("format") != MODEL_FORMAT or meta.get("version") != MODEL_VERSION:
+        raise UserError(f"{path}: not an hpcdd CNN-DNN model (format {meta.get('format')!r})")
+    m = meta["model"]
+    spec = ModelSpec(m["family"], tuple(m["widths"]), m["convs_per_block"], m["hidden"], m["dropout"])
+    k, c = len(meta["classes"]), meta["image_shape"][0]
+    locals_ = []
+    try:
+        for i, box in enumerate(meta["boxes"]):
+            model = build_model(spec, c, [b - a for a, b in box], k, m["width_scale"])
+            model.load_state_dict(saved["local"][f"sub_{i:03d}"])
+            locals_.append(model)
+        dnn = DNN(len(meta["boxes"]), k, tuple(meta["dnn"]["hidden"]), meta["dnn"]["dropout"])
+        dnn.load_state_dict(saved["dnn"])
+    except (KeyError, RuntimeError) as e:
+        raise UserError(f"{path}: weights do not match the architecture it describes ({str(e).splitlines()[0][:160]})") from None
+    model = CoherentModel(locals_, dnn, meta["dnn"]["input"]).eval()
+    return model, meta
+
+
+def check_compatible(meta: dict, manifest: dict, where: str) -> None:
+    if list(manifest["image_shape"]) != list(meta["image_shape"]):
+        raise UserError(f"{where}: images are {'x'.join(map(str, manifest['image_shape']))} but the model expects "
+                        f"{'x'.join(map(str, meta['image_shape']))}")
+    if len(manifest["classes"]) != len(meta["classes"]):
+        raise UserError(f"{where}: {len(manifest['classes'])} classes but the model was trained on "
+                        f"{len(meta['classes'])}")
+    if not manifest.get("full"):
+        raise UserError(f"{where}: no full.h5 (prepared with --no-full); re-run data_prep without it")
+
+
+def predict(model, meta: dict, data_dir: str, split: str, batch_size: int = 512):
+    """(probabilities (n, K), labels (n,), sample ids (n,)) for a split of full images."""
+    import torch
+
+    from .data import ShardReader, crop, load_manifest
+    from .decomposition import Decomposition
+
+    manifest = load_manifest(data_dir)
+    check_compatible(meta, manifest, data_dir)
+    deco = Decomposition(meta["image_shape"][1:], meta["grid"], meta["overlap"])
+    dims = deco.dims
+    view = (1, -1) + (1,) * dims
+    mean = torch.tensor(meta["mean"], dtype=torch.float32).view(view)
+    std = torch.tensor(meta["std"], dtype=torch.float32).view(view)
+    probs, labels, ids = [], [], []
+    with ShardReader(data_dir, None, manifest) as reader, torch.no_grad():
+        for x, y, sid in reader.iter_chunks(split, batch_size):
+            x = crop(torch.from_numpy(x), manifest["margin"])
+            x = (x.to(torch.float32) * meta["scale"] - mean) / std
+            probs.append(torch.softmax(model(deco.cut_all(x)), dim=-1).numpy())
+            labels.append(y)
+            ids.append(sid)
+    return np.concatenate(probs), np.concatenate(labels).astype(np.int64), np.concatenate(ids)
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        model, meta = load_model(args.run)
+        probs, y, ids = predict(model, meta, args.data, args.split, args.batch_size)
+        pred = probs.argmax(1)
+        acc = float((pred == y).mean())
+        print(f"{meta['method']} on {args.data} {args.split}: accuracy {acc:.4f} ({int((pred == y).sum())}/{len(y)})")
+        if args.output:
+            tmp = args.output + ".tmp"
+            with open(tmp, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["sample_id", "label", "prediction"] + [f"p_{c}" for c in meta["classes"]])
+                for sid, label, p, row in zip(ids, y, pred, probs):
+                    w.writerow([int(sid), int(label), int(p)] + [f"{v:.6f}" for v in row])
+            os.replace(tmp, args.output)
+        return 0
+    except UserError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

