@@ -1,0 +1,71 @@
+"""data_prep speed on all 70,000 Fashion-MNIST images (4x4 grid, overlap 2), and shard read speed.
+
+    python benchmarks/bench_data_prep.py
+
+Targets (issue #2): preparation at most 15 s on the 2-core machine; reading a shard's training split
+must not limit training, so its speed is printed next to the rate at which local training
+consumes the same bytes (measured here too, one epoch of the local CNN on that shard).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import FASHION  # noqa: E402
+
+
+def main() -> None:
+    import torch  # noqa: F401  (imported before timing the loads)
+
+    from data_prep.cli import run
+    from hpcdd.data import ShardReader, SplitData, load_manifest
+
+    work = tempfile.mkdtemp(prefix="hpcdd-bench-prep-")
+    try:
+        out = os.path.join(work, "fm44")
+        t0 = time.perf_counter()
+        run(["idx", FASHION, out, "--grid", "4x4", "--overlap", "2", "--name", "fashion-mnist", "--quiet"])
+        prep = time.perf_counter() - t0
+        m = load_manifest(out)
+        total = sum(m["splits"].values())
+        print(f"data_prep: {total} images -> 16 shards + full.h5 in {prep:.2f} s "
+              f"(target <= 15 s: {'PASS' if prep <= 15 else 'FAIL'})")
+        i = 5  # an interior subdomain: the largest subimage (with overlap on every side)
+        reader = ShardReader(out, i, m)
+        nbytes = reader.nbytes("train")
+        times = []
+        for _ in range(3):
+            reader.close()
+            t0 = time.perf_counter()
+            reader.read("train")
+            times.append(time.perf_counter() - t0)
+        raw = nbytes / min(times) / 1e6
+        reader.close()
+        t0 = time.perf_counter()
+        split = SplitData.load(ShardReader(out, i, m), "train")
+        load = time.perf_counter() - t0
+        print(f"read sub_{i:03d}.h5 train ({nbytes / 1e6:.1f} MB raw, {m['splits']['train']} subimages): "
+              f"{raw:.0f} MB/s raw HDF5; {nbytes / load / 1e6:.0f} MB/s into normalised float32 tensors ({load:.2f} s)")
+        from hpcdd.config import TrainConfig
+        from hpcdd.models import ModelSpec, build_model
+        from hpcdd.training import Fit, fit
+
+        torch.set_num_threads(1)
+        model = build_model(ModelSpec(), 1, split.x.shape[2:], 10, 0.25)
+        res = fit(model, Fit(train=split, val=SplitData.load(ShardReader(out, i, m), "val"),
+                             t=TrainConfig(epochs=1), seed=0, key=(0, i), device=torch.device("cpu")))
+        consume = res.history[0]["images_per_s"] * nbytes / m["splits"]["train"] / 1e6
+        print(f"local training (1 thread) consumes {res.history[0]['images_per_s']:.0f} subimages/s = {consume:.2f} MB/s; "
+              f"reading is {raw / consume:.0f}x faster than training needs, and happens once per run")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
