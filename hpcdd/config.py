@@ -63,6 +63,12 @@ class CoherentConfig:
 
 
 @dataclass
+class PreemptionConfig:
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    requeue: bool = False  # under SLURM: `scontrol requeue` the job after checkpointing
+
+
+@dataclass
 class Config:
     data: str = ""
     out: str = ""
@@ -78,6 +84,7 @@ class Config:
     dnn: DNNConfig = field(default_factory=DNNConfig)
     coherent: CoherentConfig = field(default_factory=CoherentConfig)
     global_: TrainConfig = field(default_factory=TrainConfig)
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
 
     def to_dict(self) -> dict:
         return _to_dict(self)
@@ -253,6 +260,9 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    from .preemption import parse_signals
+
+    parse_signals(cfg.preemption.signals)
     cfg.phases = [p for p in PHASES if p in cfg.phases]
 
 

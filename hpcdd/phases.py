@@ -36,7 +36,26 @@ class Context:
     run_dir: str
     manifest: dict
     state: dict = field(default_factory=dict)
+    stop: object = None  # preemption.StopFlag
     _data: dict = field(default_factory=dict)
+
+    def sync(self) -> None:
+        """The end of a phase's parallel work: every rank meets here, then all agree whether to stop."""
+        from .preemption import Preempted
+
+        self.world.idle_barrier()
+        if self.stop is not None and self.stop.agree():
+            raise Preempted(synced=True)
+
+    def stop_independent(self):
+        """The local phase's stop poll (ranks not in lockstep; replicas agree in their group)."""
+        if self.stop is None:
+            return None
+        group = self.world.group if self.world.own.replicas > 1 else None
+        return lambda: self.stop.poll_independent(group)
+
+    def stop_collective(self):
+        return None if self.stop is None else self.stop.poll_collective
 
     @property
     def n(self) -> int:
@@ -136,7 +155,7 @@ def phase_local(ctx: Context) -> None:
             train=ctx.data(i, "train"), val=ctx.data(i, "val"), t=ctx.cfg.local, seed=ctx.cfg.seed, key=(0, i),
             device=ctx.device, eval_batch=ctx.cfg.eval_batch_size, comm=ctx.world.group if own.replicas > 1 else None,
             ckpt_path=ctx.path("local", f"sub_{i:03d}.ckpt.pt"), writer=own.replica == 0,
-            on_epoch=_epoch_logger(ctx, "local", f"subdomain {i}")))
+            on_epoch=_epoch_logger(ctx, "local", f"subdomain {i}"), stop=ctx.stop_independent()))
         summary = {"subdomain": i, "best_val": result.best_val, "best_epoch": result.best_epoch,
                    "train_seconds": result.train_seconds, "images": result.images,
                    "parameters": count_parameters(model), "history": result.history}
@@ -147,7 +166,7 @@ def phase_local(ctx: Context) -> None:
                 os.unlink(ckpt)
         summaries.append(summary)
     wall = time.perf_counter() - t0
-    ctx.world.idle_barrier()
+    ctx.sync()
     everything = ctx.world.allgather_obj((summaries, wall) if own.replica == 0 else ([], wall))
     if ctx.world.is_root:
         subs = sorted((s for part, _ in everything for s in part), key=lambda s: s["subdomain"])
@@ -189,15 +208,25 @@ def dnn_features(logits: np.ndarray, kind: str) -> torch.Tensor:
 
 
 def train_dnn(ctx: Context, feats: dict, labels: dict) -> tuple[dict, dict]:
-    """Rank 0: train the DNN on the local outputs, select on validation. Returns (state, info)."""
+    """Rank 0: train the DNN on the local outputs, select on validation, checkpoint every epoch."""
+    from .training import rng_state, set_rng_state
+
     d = ctx.cfg.dnn
     model = ctx.dnn()
     opt = torch.optim.Adam(model.parameters(), lr=d.lr, weight_decay=d.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=d.epochs)
     x, y = feats["train"].to(ctx.device), labels["train"].to(ctx.device)
-    best, best_val, best_epoch = None, -1.0, 0
+    best, best_val, best_epoch, start, seconds = None, -1.0, 0, 0, 0.0
+    ckpt = ctx.path("aggregate", "dnn.ckpt.pt")
+    if os.path.exists(ckpt):
+        s = checkpoint.load(ckpt, map_location=ctx.device)
+        model.load_state_dict(s["model"])
+        opt.load_state_dict(s["optimizer"])
+        sched.load_state_dict(s["scheduler"])
+        set_rng_state(s["rng"])
+        best, best_val, best_epoch, start, seconds = s["best"], s["best_val"], s["best_epoch"], s["epoch"], s["seconds"]
     t0 = time.perf_counter()
-    for epoch in range(d.epochs):
+    for epoch in range(start, d.epochs):
         model.train()
         for step, rows in enumerate(epoch_batches(ctx.cfg.seed + TAG_DNN, epoch, len(y), d.batch_size)):
             seed_step(ctx.cfg.seed, TAG_DNN, epoch, step)
@@ -214,7 +243,10 @@ def train_dnn(ctx: Context, feats: dict, labels: dict) -> tuple[dict, dict]:
         if val > best_val:
             best_val, best_epoch = val, epoch + 1
             best = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return best, {"best_val": best_val, "best_epoch": best_epoch, "train_seconds": time.perf_counter() - t0,
+        checkpoint.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                         "rng": rng_state(), "epoch": epoch + 1, "best": best, "best_val": best_val,
+                         "best_epoch": best_epoch, "seconds": seconds + time.perf_counter() - t0}, ckpt)
+    return best, {"best_val": best_val, "best_epoch": best_epoch, "train_seconds": seconds + time.perf_counter() - t0,
                   "parameters": count_parameters(model)}
 
 
@@ -273,11 +305,13 @@ def phase_aggregate(ctx: Context) -> None:
         checkpoint.save({"model": dnn.state_dict(), "input": kind, "hidden": list(ctx.cfg.dnn.hidden),
                          "info": info}, ctx.path("aggregate", "dnn.pt"))
         checkpoint.write_json(results, ctx.path("aggregate", "result.json"))
+        if os.path.exists(ctx.path("aggregate", "dnn.ckpt.pt")):
+            os.unlink(ctx.path("aggregate", "dnn.ckpt.pt"))
         m = results["methods"]
         ctx.log(f"[aggregate] test accuracy: dnn {m['dnn']['test']:.4f}, average {m['average']['test']:.4f}, "
                 f"vote {m['vote']['test']:.4f}; local CNNs "
                 f"{min(r['test'] for r in results['local']):.4f}..{max(r['test'] for r in results['local']):.4f}")
-    ctx.world.barrier()
+    ctx.sync()
     ctx.mark_done("aggregate")
 
 
@@ -327,6 +361,10 @@ def build_coherent(ctx: Context, strategy: str) -> DistributedCoherent:
 
 
 def train_coherent(ctx: Context, strategy: str, t: TrainConfig) -> None:
+    """Model-parallel training of the whole CNN-DNN; checkpoint per epoch (and at a preemption step)."""
+    from .preemption import Preempted
+    from .training import rng_state, set_rng_state
+
     own, world = ctx.world.own, ctx.world
     out = ctx.path("coherent", strategy)
     os.makedirs(out, exist_ok=True)
@@ -334,31 +372,49 @@ def train_coherent(ctx: Context, strategy: str, t: TrainConfig) -> None:
     opt = make_optimizer(list(model.parameters()), t)
     sched = make_scheduler(opt, t)
     ckpt = os.path.join(out, f"rank_{world.rank:04d}.ckpt.pt")
-    start, best_val, best_epoch, history, seconds = 0, -1.0, 0, [], 0.0
+    start, first_step, partial = 0, 0, None
+    best_val, best_epoch, history, seconds = -1.0, 0, [], 0.0
     best = _coherent_states(model)
     if os.path.exists(ckpt):
         s = checkpoint.load(ckpt, map_location=ctx.device)
         _load_coherent_states(model, s["current"])
         opt.load_state_dict(s["optimizer"])
         sched.load_state_dict(s["scheduler"])
-        start, best_val, best_epoch, history, seconds = s["epoch"], s["best_val"], s["best_epoch"], s["history"], s["seconds"]
-        best = s["best"]
-    if start == 0:  # the starting point is a candidate too: transfer never ends below where it began
+        set_rng_state(s["rng"])
+        start, first_step, partial = s["epoch"], s["step"], s["partial"]
+        best_val, best_epoch, history, seconds = s["best_val"], s["best_epoch"], s["history"], s["seconds"]
+        best, initial_val = s["best"], s["initial_val"]
+    else:  # the starting point is a candidate too: transfer never ends below where it began
         initial_val = best_val = coherent_accuracy(ctx, model, "val")
-    else:
-        initial_val = s.get("initial_val")
+
+    def save(epoch: int, step: int, partial_state) -> None:
+        checkpoint.save({"current": _coherent_states(model), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "rng": rng_state(), "epoch": epoch, "step": step,
+                         "partial": partial_state, "best": best, "best_val": best_val, "best_epoch": best_epoch,
+                         "history": history, "seconds": seconds, "initial_val": initial_val}, ckpt)
+
     train = {i: ctx.data(i, "train") for i in own.subdomains}
     n = ctx.manifest["splits"]["train"]
     first = own.subdomains[0]
     dims = len(ctx.manifest["image_shape"]) - 1
     key = 0 if strategy == "scratch" else 1
+    stop = ctx.stop_collective()
     for epoch in range(start, t.epochs):
         model.train()
         model.comm_time = 0.0
+        losses, done_seconds, step0 = [], 0.0, 0
+        if partial is not None and epoch == start:
+            losses, done_seconds, step0 = list(partial["losses"]), partial["seconds"], first_step
+            model.comm_time = partial["comm_seconds"]
         t0 = time.perf_counter()
-        losses = []
         shifts = epoch_shifts(ctx.cfg.seed + key, epoch, train[first].ids, t.augment_shift, dims)
-        for step, rows in enumerate(epoch_batches(ctx.cfg.seed + key, epoch, n, t.batch_size)):
+        batches = epoch_batches(ctx.cfg.seed + key, epoch, n, t.batch_size)
+        for step in range(step0, len(batches)):
+            if stop is not None and stop():
+                save(epoch, step, {"losses": losses, "seconds": done_seconds + time.perf_counter() - t0,
+                                   "comm_seconds": model.comm_time})
+                raise Preempted()
+            rows = batches[step]
             part = rows[slice_rows(len(rows), own.replicas, own.replica)]
             xs = {}
             for i in own.subdomains:
@@ -369,7 +425,7 @@ def train_coherent(ctx: Context, strategy: str, t: TrainConfig) -> None:
         sched.step()
         if own.replicas > 1:
             allreduce_mean_([b for m in model.local_models.values() for b in buffers_of(m)], world.group, own.replicas)
-        elapsed = time.perf_counter() - t0
+        elapsed = done_seconds + time.perf_counter() - t0
         seconds += elapsed
         val = coherent_accuracy(ctx, model, "val")
         event = {"epoch": epoch + 1, "epochs": t.epochs, "loss": float(np.mean(losses)), "val_acc": val,
@@ -377,10 +433,7 @@ def train_coherent(ctx: Context, strategy: str, t: TrainConfig) -> None:
         history.append(event)
         if val > best_val:
             best_val, best_epoch, best = val, epoch + 1, _coherent_states(model)
-        checkpoint.save({"current": _coherent_states(model), "optimizer": opt.state_dict(),
-                         "scheduler": sched.state_dict(), "epoch": epoch + 1, "best": best, "best_val": best_val,
-                         "best_epoch": best_epoch, "history": history, "seconds": seconds,
-                         "initial_val": initial_val}, ckpt)
+        save(epoch + 1, 0, None)
         ctx.event(phase="coherent", strategy=strategy, **event)
         ctx.log(f"[coherent {strategy}] epoch {epoch + 1}/{t.epochs}: loss {event['loss']:.4f} val {val:.4f} "
                 f"({elapsed:.1f} s, communication {model.comm_time:.1f} s)")
@@ -397,7 +450,7 @@ def train_coherent(ctx: Context, strategy: str, t: TrainConfig) -> None:
                                "initial_val": initial_val, "train_seconds": seconds, "comm_seconds": comm,
                                "epochs": t.epochs, "history": history}, os.path.join(out, "result.json"))
         ctx.log(f"[coherent {strategy}] best val {best_val:.4f} (epoch {best_epoch}), test {test:.4f}")
-    world.barrier()
+    ctx.sync()
     if os.path.exists(ckpt):
         os.unlink(ckpt)
 
@@ -424,7 +477,7 @@ def phase_global(ctx: Context) -> None:
         train=ctx.data(None, "train"), val=ctx.data(None, "val"), t=ctx.cfg.global_, seed=ctx.cfg.seed,
         key=(TAG_GLOBAL,), device=ctx.device, eval_batch=ctx.cfg.eval_batch_size,
         comm=world.comm if world.size > 1 else None, ckpt_path=ctx.path("global", "model.ckpt.pt"),
-        writer=world.is_root, on_epoch=_epoch_logger(ctx, "global", "global CNN")))
+        writer=world.is_root, on_epoch=_epoch_logger(ctx, "global", "global CNN"), stop=ctx.stop_collective()))
     model.load_state_dict(result.best_state)
     test = accuracy_of(model, ctx.data(None, "test"), ctx.device, ctx.cfg.eval_batch_size,
                        world.comm if world.size > 1 else None, world.size, world.rank)
@@ -437,7 +490,7 @@ def phase_global(ctx: Context) -> None:
                                "wall_seconds": time.perf_counter() - t0, "epochs": ctx.cfg.global_.epochs,
                                "history": result.history}, ctx.path("global", "result.json"))
         ctx.log(f"[global] best val {result.best_val:.4f} (epoch {result.best_epoch}), test {test:.4f}")
-    world.barrier()
+    ctx.sync()
     ckpt = ctx.path("global", "model.ckpt.pt")
     if world.is_root and os.path.exists(ckpt):
         os.unlink(ckpt)

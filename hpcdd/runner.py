@@ -112,7 +112,10 @@ def prepare(cfg: Config, world: World, resume: bool = False, force: bool = False
             checkpoint.write_json({"phases": {}}, os.path.join(cfg.out, "state.json"))
             state = {"phases": {}}
     world.barrier()
-    ctx = Context(cfg, world, cfg.out, manifest, state=state)
+    from .preemption import StopFlag, parse_signals
+
+    ctx = Context(cfg, world, cfg.out, manifest, state=state,
+                  stop=StopFlag(world, parse_signals(cfg.preemption.signals)))
     own = world.own
     ctx.log(f"hpcdd {__version__}: {world.size} rank(s), {world.threads} thread(s) each, device {world.device}; "
             f"{manifest['dataset']} {'x'.join(map(str, manifest['grid']))} grid"
@@ -122,10 +125,29 @@ def prepare(cfg: Config, world: World, resume: bool = False, force: bool = False
 
 
 def run_phases(ctx: Context) -> None:
+    """The configured phases in order; a preemption checkpoints, records itself and exits 75."""
+    from .preemption import EXIT_PREEMPTED, Preempted, requeue_slurm_job
+
     for phase in ctx.cfg.phases:
         if ctx.done(phase) and phase != "report":
             ctx.log(f"[{phase}] already complete, skipped")
             continue
         t0 = time.perf_counter()
-        PHASE_FUNCTIONS[phase](ctx)
+        try:
+            PHASE_FUNCTIONS[phase](ctx)
+        except Preempted as stop:
+            if not stop.synced:
+                ctx.world.idle_barrier()
+                ctx.stop.agree()
+            ctx.stop.drain()
+            ctx.state["preempted"] = {"phase": phase, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            if ctx.world.is_root:
+                checkpoint.write_json(ctx.state, ctx.path("state.json"))
+            ctx.log(f"[{phase}] stopped on a signal after checkpointing; continue with --resume {ctx.run_dir}")
+            ctx.world.barrier()
+            if ctx.cfg.preemption.requeue and ctx.world.is_root:
+                requeue_slurm_job(ctx.log)
+            raise SystemExit(EXIT_PREEMPTED)
         ctx.log(f"[{phase}] done in {time.perf_counter() - t0:.1f} s")
+    ctx.state.pop("preempted", None)
+    ctx.stop.drain()

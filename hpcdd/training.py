@@ -145,7 +145,32 @@ class Fit:
     stop: object = None  # callable -> bool, polled at every step boundary (preemption)
 
 
+def rng_state() -> dict:
+    """torch, numpy and Python generator states as plain types (for weights_only checkpoints)."""
+    import random
+
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                      "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+            "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]}}
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
 def fit(model, spec: Fit) -> FitResult:
+    """Train, validate every epoch, keep the best weights; resumable at any step boundary."""
+    from .preemption import Preempted
+
     t, device = spec.t, spec.device
     parts = spec.comm.Get_size() if spec.comm is not None else 1
     part = spec.comm.Get_rank() if spec.comm is not None else 0
@@ -153,26 +178,44 @@ def fit(model, spec: Fit) -> FitResult:
     opt = make_optimizer(params, t)
     sched = make_scheduler(opt, t)
     result = FitResult(best_state=copy.deepcopy(model.state_dict()), best_val=-1.0, best_epoch=-1)
-    start_epoch = 0
+    start_epoch, start_step, partial = 0, 0, None
     if spec.ckpt_path and os.path.exists(spec.ckpt_path):
         state = checkpoint.load(spec.ckpt_path, map_location=device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        start_epoch = int(state["epoch"])
+        set_rng_state(state["rng"])
+        start_epoch, start_step, partial = int(state["epoch"]), int(state["step"]), state["partial"]
         result = FitResult(state["best_state"], float(state["best_val"]), int(state["best_epoch"]),
                            list(state["history"]), float(state["train_seconds"]), int(state["images"]))
+
+    def save(epoch: int, step: int, partial_state) -> None:
+        if spec.ckpt_path and spec.writer:
+            checkpoint.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                             "scheduler": sched.state_dict(), "rng": rng_state(), "epoch": epoch, "step": step,
+                             "partial": partial_state, "best_state": result.best_state, "best_val": result.best_val,
+                             "best_epoch": result.best_epoch, "history": result.history,
+                             "train_seconds": result.train_seconds, "images": result.images}, spec.ckpt_path)
+
     dims = spec.train.x.dim() - 2 if spec.train.in_memory else len(spec.train.reader.expected_shape()) - 1
     n = len(spec.train)
     for epoch in range(start_epoch, t.epochs):
         model.train()
         batches = epoch_batches(spec.seed, epoch, n, t.batch_size)
         shifts = epoch_shifts(spec.seed, epoch, spec.train.ids, t.augment_shift, dims)
-        t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
-        seen = 0
-        for step, rows in enumerate(batches):
+        seen, done_seconds, first = 0, 0.0, 0
+        if partial is not None and epoch == start_epoch:
+            loss_sum, correct = partial["loss_sum"].to(device), partial["correct"].to(device)
+            seen, done_seconds, first = int(partial["seen"]), float(partial["seconds"]), start_step
+        t0 = time.perf_counter()
+        for step in range(first, len(batches)):
+            if spec.stop is not None and spec.stop():
+                save(epoch, step, {"loss_sum": loss_sum.cpu(), "correct": correct.cpu(), "seen": seen,
+                                   "seconds": done_seconds + time.perf_counter() - t0})
+                raise Preempted()
+            rows = batches[step]
             mine = rows[slice_rows(len(rows), parts, part)]
             seed_step(spec.seed, TAG_DROPOUT, *spec.key, epoch, step, part)
             x, y = spec.train.batch(mine, None if shifts is None else shifts[mine])
@@ -184,7 +227,7 @@ def fit(model, spec: Fit) -> FitResult:
         sched.step()
         if parts > 1:
             allreduce_mean_(buffers_of(model), spec.comm, parts)
-        seconds = time.perf_counter() - t0
+        seconds = done_seconds + time.perf_counter() - t0
         val = accuracy_of(model, spec.val, device, spec.eval_batch, spec.comm, parts, part)
         stats = np.array([float(loss_sum), float(correct), seen], dtype=np.float64)
         if parts > 1:
@@ -200,12 +243,7 @@ def fit(model, spec: Fit) -> FitResult:
         if val > result.best_val:
             result.best_val, result.best_epoch = val, epoch + 1
             result.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if spec.ckpt_path and spec.writer:
-            checkpoint.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                             "scheduler": sched.state_dict(), "epoch": epoch + 1,
-                             "best_state": result.best_state, "best_val": result.best_val,
-                             "best_epoch": result.best_epoch, "history": result.history,
-                             "train_seconds": result.train_seconds, "images": result.images}, spec.ckpt_path)
+        save(epoch + 1, 0, None)
         if spec.on_epoch is not None:
             spec.on_epoch(event)
     return result
