@@ -111,6 +111,11 @@ def prepare(cfg: Config, world: World, resume: bool = False, force: bool = False
             checkpoint.write_json(dict(json.loads(dumps(cfg)), meta=meta), os.path.join(cfg.out, "config.json"))
             checkpoint.write_json({"phases": {}}, os.path.join(cfg.out, "state.json"))
             state = {"phases": {}}
+    procs = world.allgather_obj({"rank": world.rank, "host": platform.node(), "pid": os.getpid(),
+                                 "local_rank": world.info.local_rank, "device": str(world.device)})
+    if world.is_root:  # maps the PID or host an MPI launcher names when a rank dies to its rank
+        checkpoint.write_json({"ranks": procs, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+                              os.path.join(cfg.out, "ranks.json"))
     world.barrier()
     from .preemption import StopFlag, parse_signals
 
@@ -128,6 +133,7 @@ def run_phases(ctx: Context) -> None:
     """The configured phases in order; a preemption checkpoints, records itself and exits 75."""
     from .preemption import EXIT_PREEMPTED, Preempted, requeue_slurm_job
 
+    ctx.state.pop("preempted", None)  # a resumed run: the next state.json written no longer says so
     for phase in ctx.cfg.phases:
         if ctx.done(phase) and phase != "report":
             ctx.log(f"[{phase}] already complete, skipped")
@@ -149,5 +155,4 @@ def run_phases(ctx: Context) -> None:
                 requeue_slurm_job(ctx.log)
             raise SystemExit(EXIT_PREEMPTED)
         ctx.log(f"[{phase}] done in {time.perf_counter() - t0:.1f} s")
-    ctx.state.pop("preempted", None)
     ctx.stop.drain()

@@ -1,0 +1,178 @@
+"""Reliability with real processes and signals: kills, preemption, torn checkpoints, dying ranks."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.conftest import env_for_tests, mpiexec_path, require_ok, run_python
+
+pytestmark = pytest.mark.mpi
+
+CFG = ["--threads", "1", "--set", "local.epochs=2", "--set", "dnn.epochs=10", "--set", "global.epochs=2",
+       "--set", "coherent.scratch.epochs=2", "--set", "coherent.transfer.epochs=1", "--set", "model.widths=8,16,32",
+       "--set", "local.batch_size=32", "--set", "coherent.scratch.batch_size=32", "--set", "global.batch_size=64",
+       "--set", "local.augment_shift=0"]
+TIMING = ("seconds", "speedup", "images_per_s", "created", "started", "time")
+
+
+def start(args, ranks=2):
+    cmd = [mpiexec_path(), "-n", str(ranks), sys.executable, "-m", "hpcdd.run", *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_for_tests(),
+                            start_new_session=True)
+
+
+def wait_for(proc, condition, timeout=240):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if condition():
+            return True
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"run ended (exit {proc.returncode}) before the kill point\n{out[-2000:]}\n{err[-3000:]}")
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail("kill point never reached")
+
+
+def kill_all(proc):
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def finish(proc, timeout=600):
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def rank_pids(run_dir):
+    """PID of each rank, from the ranks.json the run writes at start."""
+    path = os.path.join(run_dir, "ranks.json")
+    return {r["rank"]: r["pid"] for r in json.load(open(path))["ranks"]} if os.path.exists(path) else {}
+
+
+def strip(obj):
+    if isinstance(obj, dict):
+        return {k: strip(v) for k, v in obj.items() if not any(t in k for t in TIMING)}
+    if isinstance(obj, list):
+        return [strip(v) for v in obj]
+    return obj
+
+
+def assert_identical(a, b):
+    assert strip(json.load(open(os.path.join(a, "results.json")))) == strip(json.load(open(os.path.join(b, "results.json"))))
+    files = sorted(os.path.relpath(p, b) for p in glob.glob(os.path.join(b, "**", "*.pt"), recursive=True))
+    assert files == sorted(os.path.relpath(p, a) for p in glob.glob(os.path.join(a, "**", "*.pt"), recursive=True))
+    assert "model.pt" in files and "local/sub_003.pt" in files
+
+    def tensors(obj, prefix=""):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                if k not in ("summary", "info", "meta"):
+                    yield from tensors(v, f"{prefix}/{k}")
+        elif torch.is_tensor(obj):
+            yield prefix, obj
+
+    for f in files:
+        ta = dict(tensors(torch.load(os.path.join(a, f), weights_only=True)))
+        tb = dict(tensors(torch.load(os.path.join(b, f), weights_only=True)))
+        assert ta.keys() == tb.keys() and ta
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), f"{f}{k} differs"
+
+
+@pytest.fixture(scope="module")
+def reference(small_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    proc = run_python(["-m", "hpcdd.run", "--data", small_data, "--out", str(out), *CFG], ranks=2, timeout=600)
+    require_ok(proc)
+    return str(out)
+
+
+def test_sigkill_at_several_points_then_resume_is_bit_identical(small_data, reference, tmp_path):
+    run = str(tmp_path / "run")
+    state = os.path.join(run, "state.json")
+
+    def phases_done():
+        try:
+            return set(k for k, v in json.load(open(state))["phases"].items() if v.get("done"))
+        except (OSError, ValueError, KeyError):
+            return set()
+
+    # 1. mid local phase: after the first epoch checkpoint of some local CNN
+    proc = start(["--data", small_data, "--out", run, *CFG])
+    wait_for(proc, lambda: glob.glob(os.path.join(run, "local", "sub_*.ckpt.pt")))
+    kill_all(proc)
+    # 2. between phases: local and aggregate complete
+    proc = start(["--resume", run])
+    wait_for(proc, lambda: {"local", "aggregate"} <= phases_done())
+    kill_all(proc)
+    # 3. mid coherent phase: after an epoch checkpoint of the scratch strategy
+    proc = start(["--resume", run])
+    wait_for(proc, lambda: glob.glob(os.path.join(run, "coherent", "scratch", "rank_*.ckpt.pt")))
+    kill_all(proc)
+    code, out, err = finish(start(["--resume", run]))
+    assert code == 0, err[-3000:]
+    assert_identical(reference, run)
+
+
+def test_sigusr1_to_one_rank_checkpoints_all_and_resumes_identically(small_data, reference, tmp_path):
+    run = str(tmp_path / "run")
+    # in the local phase (ranks train independently): the signalled rank tells the other one
+    proc = start(["--data", small_data, "--out", run, *CFG])
+    wait_for(proc, lambda: glob.glob(os.path.join(run, "local", "sub_000.ckpt.pt")) and rank_pids(run))
+    os.kill(rank_pids(run)[1], signal.SIGUSR1)
+    code, out, err = finish(proc, 120)
+    assert code == 75, err[-3000:]
+    assert "stopped on a signal" in out
+    assert json.load(open(os.path.join(run, "state.json")))["preempted"]["phase"] == "local"
+    # in the coherent phase (lockstep): every rank checkpoints after the same step
+    proc = start(["--resume", run])
+    ckpts = [os.path.join(run, "coherent", "scratch", f"rank_{r:04d}.ckpt.pt") for r in (0, 1)]
+    wait_for(proc, lambda: all(os.path.exists(c) for c in ckpts))
+    os.kill(rank_pids(run)[0], signal.SIGUSR1)
+    code, out, err = finish(proc, 120)
+    assert code == 75, err[-3000:]
+    steps = [(c["epoch"], c["step"]) for c in (torch.load(p, weights_only=True) for p in ckpts)]
+    assert steps[0] == steps[1], steps
+    code, out, err = finish(start(["--resume", run]))
+    assert code == 0, err[-3000:]
+    assert "preempted" not in json.load(open(os.path.join(run, "state.json")))
+    assert_identical(reference, run)
+
+
+def test_crash_between_write_and_rename_keeps_previous_checkpoint(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    script = f"""
+import os, torch
+from hpcdd import checkpoint
+checkpoint.save({{"epoch": 1, "w": torch.ones(3)}}, {str(path)!r})
+os.replace = lambda *a: os._exit(9)   # the process dies after writing the new file, before the rename
+checkpoint.save({{"epoch": 2, "w": torch.zeros(3)}}, {str(path)!r})
+"""
+    proc = run_python(["-c", script])
+    assert proc.returncode == 9
+    saved = torch.load(path, weights_only=True)
+    assert saved["epoch"] == 1 and torch.equal(saved["w"], torch.ones(3))
+    assert any(p.endswith(".tmp") for p in os.listdir(tmp_path))  # the torn new file never replaced it
+
+
+def test_sigkilled_rank_ends_the_job_quickly(small_data, tmp_path):
+    run = str(tmp_path / "run")
+    proc = start(["--data", small_data, "--out", run, *CFG], ranks=4)
+    wait_for(proc, lambda: glob.glob(os.path.join(run, "local", "sub_*.ckpt.pt")) and len(rank_pids(run)) == 4)
+    t0 = time.time()
+    os.kill(rank_pids(run)[2], signal.SIGKILL)
+    code, out, err = finish(proc, 60)
+    assert code != 0
+    assert time.time() - t0 < 30
+    text = out + err  # MPICH's hydra reports the bad termination (with a PID that ranks.json maps to a rank)
+    assert "BAD TERMINATION" in text or "signal 9" in text or "Killed" in text, text[-2000:]
