@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import shutil
+import tempfile
 import time
 
 from . import __version__, checkpoint
@@ -82,10 +83,43 @@ def _check_run_dir(cfg: Config, resume: bool, force: bool) -> dict:
     if not os.path.isdir(parent):
         raise UserError(f"--out {out}: parent directory {parent} does not exist")
     target = out if os.path.isdir(out) else parent
-    if not os.access(target, os.W_OK):
-        raise UserError(f"--out {out}: {target} is not writable")
+    try:  # a real write: os.access says yes to root even on a read-only file system
+        fd, probe = tempfile.mkstemp(prefix=".hpcdd-write-test-", dir=target)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write in {target} ({e.strerror})") from None
     _needs(cfg, out, state)
     return state
+
+
+def checkpoint_bytes(cfg: Config, manifest: dict) -> int:
+    """A generous estimate of what the checkpoints of a run need on disk."""
+    from .models import ModelSpec, build_model, count_parameters
+
+    m = cfg.model
+    c, *spatial = manifest["image_shape"]
+    params = count_parameters(build_model(ModelSpec(m.family, tuple(m.widths), m.convs_per_block, m.hidden, m.dropout),
+                                          c, spatial, len(manifest["classes"])))
+    # local + two coherent strategies + global; each: final + checkpoint (weights, best weights, 2 Adam moments)
+    return 4 * params * 4 * 2 * 4 + (64 << 20)
+
+
+def check_disk(cfg: Config, manifest: dict) -> None:
+    target = cfg.out if os.path.isdir(cfg.out) else os.path.dirname(os.path.abspath(cfg.out))
+    need = checkpoint_bytes(cfg, manifest)
+    free = shutil.disk_usage(target).free
+    if free < need:
+        raise UserError(f"--out {cfg.out}: {free / 1e6:.0f} MB free on its file system, but the checkpoints of this "
+                        f"run need about {need / 1e6:.0f} MB; free space or choose another directory")
+
+
+def check_resume(cfg: Config, manifest: dict) -> None:
+    path = os.path.join(cfg.out, "config.json")
+    meta = checkpoint.read_json(path).get("meta", {})
+    if meta.get("prep_id") and meta["prep_id"] != manifest["prep_id"]:
+        raise UserError(f"--resume {cfg.out}: the run was trained on data with prep id {meta['prep_id']} but "
+                        f"{cfg.data} now has {manifest['prep_id']}; the shards were prepared again")
 
 
 def prepare(cfg: Config, world: World, resume: bool = False, force: bool = False) -> Context:
@@ -95,6 +129,9 @@ def prepare(cfg: Config, world: World, resume: bool = False, force: bool = False
     try:
         manifest = _validate_data(cfg, world)
         state = _check_run_dir(cfg, resume, force)
+        check_disk(cfg, manifest)
+        if resume:
+            check_resume(cfg, manifest)
     except UserError as e:
         error = str(e)
     error = world.agree(error)

@@ -1,75 +1,174 @@
-"""hpcdd.run refuses bad input before any training: one line, exit status 2, nothing written."""
+"""hpcdd.run refuses bad input before any training: one line naming the problem, exit status 2,
+on every rank, nothing created or changed in the run directory. A corpus of user mistakes."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
+import h5py
+import numpy as np
 import pytest
 
-from tests.conftest import run_python
+from tests.conftest import prepare, run_python
+
+pytestmark = pytest.mark.mpi
 
 
 def hpcdd_run(*args, ranks=None):
-    return run_python(["-m", "hpcdd.run", *map(str, args)], ranks=ranks, timeout=120)
+    return run_python(["-m", "hpcdd.run", *map(str, args)], ranks=ranks, timeout=180)
 
 
-def assert_user_error(proc, needle):
+def snapshot(path):
+    if not os.path.exists(path):
+        return None
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(root, f)
+            st = os.stat(p)
+            out[os.path.relpath(p, path)] = (st.st_size, st.st_mtime_ns, open(p, "rb").read())
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(small_data, tmp_path_factory, fashion_dir):
+    """Data directories with one defect each, and an existing run to resume."""
+    base = tmp_path_factory.mktemp("corpus")
+
+    def copy(name):
+        dst = base / name
+        shutil.copytree(small_data, dst)
+        return dst
+
+    d = {"good": small_data}
+    d["missing_shard"] = copy("missing_shard")
+    os.unlink(d["missing_shard"] / "sub_003.h5")
+    d["truncated"] = copy("truncated")
+    with open(d["truncated"] / "sub_001.h5", "r+b") as f:
+        f.truncate(os.path.getsize(d["truncated"] / "sub_001.h5") // 2)
+    d["not_hdf5"] = copy("not_hdf5")
+    (d["not_hdf5"] / "sub_000.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    other = base / "other"
+    prepare(fashion_dir, other, train=2000, test=1000, extra=("--seed", "5"))
+    d["mixed"] = copy("mixed")
+    shutil.copy(other / "sub_002.h5", d["mixed"] / "sub_002.h5")
+    d["labels"] = copy("labels")
+    with h5py.File(d["labels"] / "sub_001.h5", "r+") as f:
+        f["train"]["y"][5] = 17
+    d["grid"] = copy("grid")
+    with h5py.File(d["grid"] / "sub_000.h5", "r+") as f:
+        f.attrs["grid"] = [4, 4]
+    d["manifest"] = copy("manifest")
+    (d["manifest"] / "manifest.json").write_text("{ truncated")
+    from data_prep.sources import read_idx
+
+    x = read_idx(f"{fashion_dir}/train-images-idx3-ubyte.gz")[:300].astype(np.float32) / 255
+    y = read_idx(f"{fashion_dir}/train-labels-idx1-ubyte.gz")[:300]
+    np.savez(base / "float.npz", x=x, y=y)
+    from data_prep.cli import run
+
+    run(["npz", str(base / "float.npz"), str(base / "nan"), "--grid", "2x2", "--quiet"])
+    with h5py.File(base / "nan" / "sub_002.h5", "r+") as f:
+        f["train"]["x"][3, 0, 2, 2] = np.inf
+    d["nan"] = base / "nan"
+    # an existing run (configuration written, nothing trained) to resume
+    run_dir = base / "existing_run"
+    proc = hpcdd_run("--data", small_data, "--out", run_dir, "--print-config")
+    run_dir.mkdir()
+    cfg = json.loads(proc.stdout)
+    cfg["meta"] = {"prep_id": json.load(open(os.path.join(small_data, "manifest.json")))["prep_id"]}
+    (run_dir / "config.json").write_text(json.dumps(cfg))
+    (run_dir / "state.json").write_text(json.dumps({"phases": {}}))
+    d["run"] = run_dir
+    run_bad = base / "run_on_truncated_data"
+    run_bad.mkdir()
+    (run_bad / "config.json").write_text(json.dumps(dict(cfg, data=str(d["truncated"]), out=str(run_bad))))
+    (run_bad / "state.json").write_text(json.dumps({"phases": {"local": {"done": True}}}))
+    d["run_bad"] = run_bad
+    bad_toml = base / "bad.toml"
+    bad_toml.write_text("[local]\nepochs = 2\nlearning_rate = 0.1\n")
+    d["bad_toml"] = bad_toml
+    typed_toml = base / "typed.toml"
+    typed_toml.write_text("[model]\nwidths = 16\n")
+    d["typed_toml"] = typed_toml
+    broken_toml = base / "broken.toml"
+    broken_toml.write_text("[local\nepochs = 2\n")
+    d["broken_toml"] = broken_toml
+    return d
+
+
+CASES = [
+    # (name, args (with {good}, {run}, {new}, ... placeholders), expected fragment, ranks)
+    ("unknown key", ["--set", "local.epoch=3"], "did you mean 'local.epochs'", None),
+    ("unknown top-level key", ["--set", "lr=0.1"], "unknown config key 'lr'", None),
+    ("wrong type", ["--set", "local.epochs=three"], "local.epochs = 'three': expected int", None),
+    ("zero epochs", ["--epochs", "0"], "expected a positive number of epochs", None),
+    ("zero batch size", ["--set", "local.batch_size=0"], "expected a positive batch size", None),
+    ("negative learning rate", ["--set", "global.lr=-0.1"], "expected a positive learning rate", None),
+    ("unknown family", ["--set", "model.family=alexnet"], "model.family = 'alexnet'", None),
+    ("unknown phase", ["--phases", "local,everything"], "unknown phase 'everything'", None),
+    ("bad signal", ["--set", "preemption.signals=SIGKILL"], "not a signal that can be caught", None),
+    ("class count", ["--set", "num_classes=7"], "num_classes = 7 but", 2),
+    ("shift without margin", ["--set", "local.augment_shift=2"], "needs shards stored with --margin >= 2", None),
+    ("transfer without local", ["--phases", "coherent"], "needs the local and aggregate phases", None),
+    ("aggregate without local", ["--phases", "aggregate"], "needs the local phase", None),
+    ("unknown option", ["--bogus"], "unrecognized arguments: --bogus", None),
+    ("no cuda", ["--device", "cuda"], "device 'cuda' requested but no CUDA device", 2),
+    ("too many ranks", [], "6 ranks fit neither rule for 4 subdomains", 6),
+    ("config file key", ["--config", "{bad_toml}"], "bad.toml: unknown config key 'local.learning_rate'", None),
+    ("config file type", ["--config", "{typed_toml}"], "model.widths = 16: expected a list of int", None),
+    ("config file syntax", ["--config", "{broken_toml}"], "invalid TOML", None),
+    ("missing data", ["--data", "{new}/nowhere"], "no such directory", None),
+    ("missing shard", ["--data", "{missing_shard}"], "sub_003.h5: missing shard", 2),
+    ("truncated shard", ["--data", "{truncated}"], "sub_001.h5", 2),
+    ("not hdf5", ["--data", "{not_hdf5}"], "sub_000.h5: not a readable HDF5 file", None),
+    ("shards of two preparations", ["--data", "{mixed}"], "different data_prep runs", 2),
+    ("labels out of range", ["--data", "{labels}"], "train labels outside 0..9", 2),
+    ("grid mismatch", ["--data", "{grid}"], "attribute grid is [4, 4] but the manifest says [2, 2]", None),
+    ("corrupt manifest", ["--data", "{manifest}"], "manifest.json: corrupt JSON", None),
+    ("inf pixels", ["--data", "{nan}"], "contains NaN or Inf pixels", 2),
+    ("run exists", ["--out", "{run}"], "already exists", 2),
+    ("out not writable", ["--out", "/proc/hpcdd-run"], "cannot write in /proc", None),
+    ("resume with other settings", ["--resume", "{run}", "--set", "local.epochs=9"], "--resume takes its configuration", None),
+    ("resume of nothing", ["--resume", "{new}/never"], "no {new}/never/config.json", None),
+    ("resume on corrupt data", ["--resume", "{run_bad}"], "sub_001.h5", 2),
+]
+
+
+@pytest.mark.parametrize("name,args,needle,ranks", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(corpus, tmp_path, name, args, needle, ranks):
+    paths = {k: str(v) for k, v in corpus.items()} | {"new": str(tmp_path)}
+    args = [a.format(**paths) for a in args]
+    needle = needle.format(**paths)
+    if "--data" not in args and "--resume" not in args:
+        args = ["--data", paths["good"]] + args
+    if "--out" not in args and "--resume" not in args:
+        args = ["--out", str(tmp_path / "run")] + args
+    before = [snapshot(corpus["run"]), snapshot(corpus["run_bad"])]
+    proc = hpcdd_run(*args, "--threads", "1", ranks=ranks)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == 2, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert proc.returncode == 2, f"{name}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    assert len(lines) == 1 and lines[0].startswith("error: "), f"{name}: {proc.stderr[-3000:]}"
     assert needle in lines[0], lines[0]
-
-
-@pytest.mark.parametrize("args,needle", [
-    (["--set", "local.epoch=3"], "did you mean 'local.epochs'"),
-    (["--set", "local.epochs=three"], "expected int"),
-    (["--epochs", "0"], "local.epochs = 0: expected a positive number of epochs"),
-    (["--set", "local.batch_size=0"], "expected a positive batch size"),
-    (["--set", "model.family=alexnet"], "model.family = 'alexnet'"),
-    (["--phases", "local,everything"], "unknown phase 'everything'"),
-    (["--set", "num_classes=7"], "num_classes = 7 but"),
-    (["--set", "local.augment_shift=2"], "needs shards stored with --margin >= 2"),
-    (["--phases", "coherent"], "needs the local and aggregate phases"),
-    (["--phases", "aggregate"], "needs the local phase"),
-    (["--bogus"], "unrecognized arguments: --bogus"),
-])
-def test_bad_configuration(small_data, tmp_path, args, needle):
-    proc = hpcdd_run("--data", small_data, "--out", tmp_path / "run", *args)
-    assert_user_error(proc, needle)
     assert not (tmp_path / "run").exists()
+    assert [snapshot(corpus["run"]), snapshot(corpus["run_bad"])] == before
 
 
-def test_config_file_errors(small_data, tmp_path):
-    bad = tmp_path / "bad.toml"
-    bad.write_text("[local]\nepochs = 2\nlearning_rate = 0.1\n")
-    proc = hpcdd_run("--config", bad, "--data", small_data, "--out", tmp_path / "run")
-    assert_user_error(proc, "bad.toml: unknown config key 'local.learning_rate'")
-    assert_user_error(hpcdd_run("--config", tmp_path / "none.toml", "--out", tmp_path / "r"), "no such file")
-    assert_user_error(hpcdd_run("--out", tmp_path / "r"), "--data: missing")
+def test_disk_too_full_is_refused(small_data, tmp_path, monkeypatch):
+    import shutil as sh
 
+    from hpcdd.config import build_config
+    from hpcdd.data import load_manifest
+    from hpcdd.errors import UserError
+    from hpcdd.runner import check_disk
 
-def test_existing_run_directory_is_kept(small_data, tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "precious.txt").write_text("keep me")
-    proc = hpcdd_run("--data", small_data, "--out", run, ranks=2)
-    assert_user_error(proc, "already exists")
-    assert (run / "precious.txt").read_text() == "keep me"
-
-
-def test_missing_and_mismatched_shards_on_every_rank(small_data, tmp_path):
-    data = tmp_path / "data"
-    shutil.copytree(small_data, data)
-    os.unlink(data / "sub_003.h5")  # owned by rank 1 of 2: rank 0 must stop too, with the same line
-    proc = hpcdd_run("--data", data, "--out", tmp_path / "run", "--threads", "1", ranks=2)
-    assert_user_error(proc, "sub_003.h5: missing shard")
-    assert not (tmp_path / "run").exists()
-    with open(data / "sub_000.h5", "wb") as f:
-        f.write(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
-    proc = hpcdd_run("--data", data, "--out", tmp_path / "run", "--threads", "1")
-    assert_user_error(proc, "sub_000.h5: not a readable HDF5 file")
-    assert_user_error(hpcdd_run("--data", tmp_path / "nowhere", "--out", tmp_path / "run"), "no such directory")
+    cfg = build_config({}, {"data": small_data, "out": str(tmp_path / "run")})
+    usage = sh.disk_usage(tmp_path)
+    monkeypatch.setattr(sh, "disk_usage", lambda p: usage._replace(free=10 << 20))
+    with pytest.raises(UserError, match="MB free on its file system"):
+        check_disk(cfg, load_manifest(small_data))
 
 
 def test_help_needs_no_mpi():
