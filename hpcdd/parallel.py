@@ -222,6 +222,14 @@ class World:
                 return e if self.size == 1 else (e if all(x == e for x in errors) else f"rank {r}: {e}")
         return None
 
+    def finalize(self) -> None:
+        if self.comm is not None:
+            from mpi4py import MPI
+
+            if not MPI.Is_finalized():
+                MPI.Finalize()
+            self.comm = None
+
     def abort(self, code: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()

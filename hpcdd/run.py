@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads per rank (default: cores per node / ranks per node)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any configuration key, e.g. --set local.lr=0.01 (repeatable)")
+    p.add_argument("--requeue", action="store_true",
+                   help="under SLURM: after a preemption checkpoint, `scontrol requeue` the job so it resumes by itself")
     p.add_argument("--force", action="store_true", help="replace RUN if it exists")
     p.add_argument("--resume", metavar="RUN", help="continue the run in RUN where it stopped")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
@@ -44,14 +46,17 @@ def resolve_config(args) -> Config:
         value = getattr(args, key)
         if value is not None:
             overrides[key] = value
+    if args.requeue:
+        overrides["preemption.requeue"] = "true"
     if args.epochs is not None:
         for key in ("local.epochs", "global.epochs", "coherent.scratch.epochs", "coherent.transfer.epochs"):
             overrides[key] = args.epochs
     if args.resume:
         from .checkpoint import read_json
 
-        if args.config or args.force or set(overrides) - {"phases", "out", "threads"}:
-            raise UserError("--resume takes its configuration from RUN/config.json; give only --phases or --threads with it")
+        if args.config or args.force or set(overrides) - {"phases", "out", "threads", "preemption.requeue"}:
+            raise UserError("--resume takes its configuration from RUN/config.json; give only --phases, --threads "
+                            "or --requeue with it")
         if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
             raise UserError(f"--out {args.out} differs from --resume {args.resume}; give only --resume")
         path = os.path.join(args.resume, "config.json")

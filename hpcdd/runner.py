@@ -188,8 +188,14 @@ def run_phases(ctx: Context) -> None:
                 checkpoint.write_json(ctx.state, ctx.path("state.json"))
             ctx.log(f"[{phase}] stopped on a signal after checkpointing; continue with --resume {ctx.run_dir}")
             ctx.world.barrier()
-            if ctx.cfg.preemption.requeue and ctx.world.is_root:
-                requeue_slurm_job(ctx.log)
+            if ctx.cfg.preemption.requeue:
+                # Finalize first: SLURM kills the job's processes on requeue, and a rank killed before
+                # MPI_Finalize leaves shared-memory segments that break MPI_Init of the requeued job.
+                ctx.release()
+                ctx.world.finalize()
+                if ctx.world.is_root:
+                    time.sleep(1.0)  # let the other ranks finish exiting
+                    requeue_slurm_job(ctx.log)
             raise SystemExit(EXIT_PREEMPTED)
         ctx.log(f"[{phase}] done in {time.perf_counter() - t0:.1f} s")
     ctx.stop.drain()

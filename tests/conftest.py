@@ -66,3 +66,17 @@ def small_data(tmp_path_factory, fashion_dir) -> str:
     out = tmp_path_factory.mktemp("data") / "fm22"
     prepare(fashion_dir, out)
     return str(out)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def clean_mpich_shared_memory():
+    """Ranks the tests kill with SIGKILL leave MPICH shared-memory files behind: remove the new ones."""
+    import glob
+
+    before = set(glob.glob("/dev/shm/mpich_shm_*"))
+    yield
+    for path in set(glob.glob("/dev/shm/mpich_shm_*")) - before:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
