@@ -230,7 +230,19 @@ class World:
                 MPI.Finalize()
             self.comm = None
 
-    def abort(self, code: int) -> None:
+    def abort(self, code: int, message: str = "") -> None:
+        """End every rank: record why in RUN/FAILED first, so the ranks MPI_Abort takes down with
+        this one are not reported as the cause by their watchers."""
+        run_dir = self.extra.get("run_dir")
+        if run_dir and os.path.isdir(run_dir):
+            try:
+                fd = os.open(failure_marker(run_dir), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.write(fd, (message + "\n").encode())
+                os.close(fd)
+            except OSError:
+                pass
+        if _orderly_exit is not None:
+            _orderly_exit()
         sys.stdout.flush()
         sys.stderr.flush()
         if self.comm is not None and self.size > 1:
@@ -244,6 +256,13 @@ def init_world(env: Mapping[str, str] | None = None, device: str = "auto", threa
     env = os.environ if env is None else env
     comm = None
     rank = size = None
+    early = world_info(env)
+    device_error, early_device = None, None
+    if early.local_rank is not None:  # pin the GPU before MPI initialises (CUDA-aware MPI needs it)
+        try:
+            early_device = select_device(early, device)
+        except UserError as e:
+            device_error = str(e)
     if use_mpi:
         from mpi4py import MPI
 
@@ -263,7 +282,10 @@ def init_world(env: Mapping[str, str] | None = None, device: str = "auto", threa
     world.threads = threads or node_cores(info)
     torch.set_num_threads(world.threads)
     try:
-        world.device = select_device(info, device)
+        if device_error:
+            raise UserError(device_error)
+        world.device = early_device if early_device is not None and info.local_rank == early.local_rank \
+            else select_device(info, device)
         check_slurm_size(info)
         error = None
     except UserError as e:
@@ -305,13 +327,74 @@ def allreduce_grads_(params: list, comm, count: int = 1) -> None:
     allreduce_mean_(grads, comm, count)
 
 
+_orderly_exit = None  # tells this rank's watcher that the exit is deliberate
+
+_DEATH_WATCH = r"""
+import os, sys
+rank, pid, host, marker = sys.argv[1:5]
+said = sys.stdin.buffer.read()  # end of file when the rank exits, however it exits
+if said.endswith(b"ok"):
+    sys.exit(0)
+msg = (f"hpcdd: rank {rank} (pid {pid} on {host}) died without a Python error: killed by a signal "
+       f"(SIGKILL, or the out-of-memory killer); the launcher ends the other ranks")
+try:
+    fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+except FileNotFoundError:
+    fd = None
+except OSError:
+    sys.exit(0)  # a failure was already reported (this rank was ended by the launcher's clean-up)
+if fd is not None:
+    os.write(fd, (msg + "\n").encode())
+    os.close(fd)
+print(msg, file=sys.stderr, flush=True)
+"""
+
+
+def failure_marker(run_dir: str) -> str:
+    return os.path.join(run_dir, "FAILED")
+
+
+def start_death_watch(rank: int, run_dir: str) -> None:
+    """A tiny watcher process per rank that names the rank if it dies without a Python error.
+
+    Started before MPI initialises (no fork after MPI_Init). The rank says "ok" on every orderly
+    exit; a SIGKILL (or the OOM killer) closes the pipe without it. The first report creates
+    RUN/FAILED, so ranks the launcher kills afterwards stay silent.
+    """
+    import atexit
+    import platform
+    import subprocess
+
+    read, write = os.pipe()
+    try:
+        subprocess.Popen([sys.executable, "-S", "-c", _DEATH_WATCH, str(rank), str(os.getpid()), platform.node(),
+                          failure_marker(os.path.abspath(run_dir))], stdin=read, start_new_session=True)
+    except OSError:
+        os.close(write)
+        return
+    finally:
+        os.close(read)
+
+    def orderly():
+        try:
+            os.write(write, b"ok")
+            os.close(write)
+        except OSError:
+            pass
+
+    global _orderly_exit
+    _orderly_exit = orderly
+    atexit.register(orderly)
+
+
 def report_failure(world: World | None, exc: BaseException) -> None:
     """Print the traceback on this rank, naming it, then abort the whole job."""
     rank = world.rank if world is not None else 0
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    print(f"hpcdd: rank {rank} failed with {type(exc).__name__}: {exc}\n{text}", file=sys.stderr, flush=True)
+    message = f"hpcdd: rank {rank} failed with {type(exc).__name__}: {exc}"
+    print(f"{message}\n{text}", file=sys.stderr, flush=True)
     if world is not None:
-        world.abort(1)
+        world.abort(1, message)
     raise SystemExit(1)
 
 
@@ -322,7 +405,7 @@ def user_error_exit(world: World | None, message: str, collective: bool) -> None
             print(f"error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USER_ERROR)
     print(f"error: rank {world.rank}: {message}", file=sys.stderr, flush=True)
-    world.abort(EXIT_USER_ERROR)
+    world.abort(EXIT_USER_ERROR, f"error: rank {world.rank}: {message}")
 
 
 def gather_rows(world: World, rows: np.ndarray, root: int = 0) -> np.ndarray | None:

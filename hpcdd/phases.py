@@ -20,7 +20,7 @@ from . import checkpoint, rng
 from .aggregators import DNN, accuracy, average, vote
 from .coherent import DistributedCoherent
 from .config import Config, TrainConfig
-from .data import SPLITS, ShardReader, SplitData, decomposition_of
+from .data import SPLITS, ShardReader, SplitData
 from .models import ModelSpec, build_model, count_parameters, default_width_scale
 from .parallel import World, allreduce_mean_, bcast_array, gather_rows, slice_rows
 from .training import (TAG_DNN, TAG_GLOBAL, TAG_INIT, Fit, accuracy_of, buffers_of, epoch_batches, epoch_shifts,

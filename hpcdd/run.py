@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import time
 
 from .cli_util import OneLineParser
 from .config import PHASES, Config, build_config, dumps, load_toml, parse_override
@@ -91,9 +89,11 @@ def main(argv=None) -> int:
             if env_rank() == 0:
                 print(dumps(cfg))
             return 0
-        from .parallel import init_world
+        from .parallel import init_world, start_death_watch
 
+        start_death_watch(env_rank(), cfg.out)
         world = init_world(device=cfg.device, threads=cfg.threads or None)
+        world.extra["run_dir"] = cfg.out
         from .runner import prepare, run_phases
 
         ctx = prepare(cfg, world, resume=bool(args.resume), force=args.force)

@@ -18,7 +18,7 @@ from . import __version__, checkpoint
 from .config import Config, dumps
 from .data import SPLITS, ShardReader, load_manifest
 from .errors import UserError
-from .parallel import World
+from .parallel import World, failure_marker
 from .phases import PHASE_FUNCTIONS, Context
 
 
@@ -148,6 +148,8 @@ def prepare(cfg: Config, world: World, resume: bool = False, force: bool = False
             checkpoint.write_json(dict(json.loads(dumps(cfg)), meta=meta), os.path.join(cfg.out, "config.json"))
             checkpoint.write_json({"phases": {}}, os.path.join(cfg.out, "state.json"))
             state = {"phases": {}}
+        elif os.path.exists(failure_marker(cfg.out)):  # the failure of the run being resumed
+            os.replace(failure_marker(cfg.out), os.path.join(cfg.out, "FAILED.previous"))
     procs = world.allgather_obj({"rank": world.rank, "host": platform.node(), "pid": os.getpid(),
                                  "local_rank": world.info.local_rank, "device": str(world.device)})
     if world.is_root:  # maps the PID or host an MPI launcher names when a rank dies to its rank

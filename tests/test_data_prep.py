@@ -191,7 +191,6 @@ def _bad_inputs(tmp, fashion_dir, x, y):
     cases.append(("missing input", ["idx", tmp / "nope", tmp / "o"]))
     trunc = tmp / "trunc"
     trunc.mkdir()
-    raw = gzip.compress(open(good / "train-images-idx3-ubyte.gz", "rb").read())
     with open(trunc / "train-images-idx3-ubyte.gz", "wb") as f:
         f.write(open(good / "train-images-idx3-ubyte.gz", "rb").read()[:5000])
     write_idx(trunc / "train-labels-idx1-ubyte.gz", y)
