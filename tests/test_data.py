@@ -124,3 +124,26 @@ def test_nan_pixels_found_by_deep_validation(tmp_path):
     ShardReader(str(tmp_path / "o"), 2, m).validate(deep=False)
     with pytest.raises(UserError, match="NaN or Inf"):
         ShardReader(str(tmp_path / "o"), 2, m).validate(deep=True)
+
+
+def test_training_on_streamed_shards_equals_in_memory(data):
+    """A shard too large for memory is streamed; training on it gives the same weights."""
+    import torch
+
+    from hpcdd.config import TrainConfig
+    from hpcdd.models import ModelSpec, build_model
+    from hpcdd.training import Fit, fit
+
+    m = load_manifest(str(data))
+    states = []
+    for limit in (1 << 30, 1):
+        train = SplitData.load(ShardReader(str(data), 1, m), "train", memory_limit=limit)
+        val = SplitData.load(ShardReader(str(data), 1, m), "val", memory_limit=limit)
+        assert train.in_memory == (limit > 1)
+        torch.manual_seed(0)
+        model = build_model(ModelSpec(widths=(8, 16)), 1, (15, 15), 10, 1.0)
+        res = fit(model, Fit(train=train, val=val, t=TrainConfig(epochs=1, batch_size=32, augment_shift=2), seed=0,
+                             key=(0, 1), device=torch.device("cpu")))
+        states.append(res.best_state)
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
