@@ -76,7 +76,8 @@ class Config:
     seed: int = 0
     device: str = "auto"
     threads: int = 0  # 0: cores on the node / ranks on the node
-    memory_limit_gb: float = 4.0
+    memory_limit_gb: float = 4.0  # a split larger than this (as float32) is streamed from its shard
+    data_on_device: bool = True  # on a GPU, keep in-memory splits in GPU memory
     eval_batch_size: int = 512
     num_classes: int = 0  # 0: from the data; otherwise checked against it
     model: ModelConfig = field(default_factory=ModelConfig)

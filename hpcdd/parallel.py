@@ -154,6 +154,7 @@ def select_device(info: WorldInfo, want: str = "auto"):
     if want != "cpu" and has_cuda:
         index = (info.local_rank or 0) % torch.cuda.device_count()
         torch.cuda.set_device(index)
+        torch.backends.cudnn.benchmark = True  # fixed input sizes per model: let cuDNN pick kernels
         return torch.device("cuda", index)
     return torch.device("cpu")
 

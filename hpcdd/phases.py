@@ -96,7 +96,8 @@ class Context:
         key = (index, split)
         if key not in self._data:
             reader = ShardReader(self.cfg.data, index, self.manifest)
-            self._data[key] = SplitData.load(reader, split, int(self.cfg.memory_limit_gb * (1 << 30)))
+            data = SplitData.load(reader, split, int(self.cfg.memory_limit_gb * (1 << 30)))
+            self._data[key] = data.to_device(self.device) if self.cfg.data_on_device else data
         return self._data[key]
 
     def release(self, index: int | None = None) -> None:
