@@ -26,6 +26,12 @@ class ModelSpec:
     hidden: int = 128
     dropout: float = 0.2
 
+    @classmethod
+    def of(cls, m) -> "ModelSpec":
+        """From a ``ModelConfig``, or a dict with the same keys (an exported model's meta)."""
+        get = m.get if isinstance(m, dict) else (lambda key: getattr(m, key))
+        return cls(get("family"), tuple(get("widths")), get("convs_per_block"), get("hidden"), get("dropout"))
+
 
 def _layers(dims: int):
     if dims == 2:

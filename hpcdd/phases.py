@@ -24,7 +24,7 @@ from .data import SPLITS, ShardReader, SplitData
 from .models import ModelSpec, build_model, count_parameters, default_width_scale
 from .parallel import World, allreduce_mean_, bcast_array, gather_rows, slice_rows
 from .training import (TAG_DNN, TAG_GLOBAL, TAG_INIT, Fit, accuracy_of, buffers_of, epoch_batches, epoch_shifts,
-                       fit, logits_of, make_optimizer, make_scheduler, seed_step)
+                       fit, logits_of, make_optimizer, make_scheduler, restore_training, seed_step, training_state)
 
 
 @dataclass
@@ -71,8 +71,7 @@ class Context:
 
     @property
     def spec(self) -> ModelSpec:
-        m = self.cfg.model
-        return ModelSpec(m.family, tuple(m.widths), m.convs_per_block, m.hidden, m.dropout)
+        return ModelSpec.of(self.cfg.model)
 
     @property
     def width_scale(self) -> float:
@@ -152,17 +151,17 @@ def phase_local(ctx: Context) -> None:
             summaries.append(saved["summary"])
             continue
         model = ctx.local_model(i)
+        ckpt = ctx.path("local", f"sub_{i:03d}.ckpt.pt")
         result = fit(model, Fit(
             train=ctx.data(i, "train"), val=ctx.data(i, "val"), t=ctx.cfg.local, seed=ctx.cfg.seed, key=(0, i),
             device=ctx.device, eval_batch=ctx.cfg.eval_batch_size, comm=ctx.world.group if own.replicas > 1 else None,
-            ckpt_path=ctx.path("local", f"sub_{i:03d}.ckpt.pt"), writer=own.replica == 0,
+            ckpt_path=ckpt, writer=own.replica == 0,
             on_epoch=_epoch_logger(ctx, "local", f"subdomain {i}"), stop=ctx.stop_independent()))
         summary = {"subdomain": i, "best_val": result.best_val, "best_epoch": result.best_epoch,
                    "train_seconds": result.train_seconds, "images": result.images,
                    "parameters": count_parameters(model), "history": result.history}
         if own.replica == 0:
             checkpoint.save({"model": result.best_state, "summary": summary, "subdomain": i}, final)
-            ckpt = ctx.path("local", f"sub_{i:03d}.ckpt.pt")
             if os.path.exists(ckpt):
                 os.unlink(ckpt)
         summaries.append(summary)
@@ -181,17 +180,23 @@ def phase_local(ctx: Context) -> None:
 
 
 # --------------------------------------------------------------------------------- aggregate
-def gather_local_outputs(ctx: Context, models: dict, split: str) -> np.ndarray | None:
-    """(n, N, K) logits of every local CNN on a split, at rank 0 (None elsewhere)."""
-    own = ctx.world.own
-    blocks = []
-    if own.replica == 0:
-        for i in own.subdomains:
-            blocks.append(logits_of(models[i], ctx.data(i, split), ctx.device, ctx.cfg.eval_batch_size))
+def gather_at_root(ctx: Context, split: str, compute) -> np.ndarray | None:
+    """(n, N, K) outputs of every subdomain on a split, at rank 0 (None elsewhere).
+
+    ``compute()`` gives this rank's (n_owned, n, K) block; only the first replica of a subdomain
+    computes it, the others send nothing.
+    """
     n = ctx.manifest["splits"][split]
-    mine = np.stack(blocks) if blocks else np.zeros((0, n, ctx.k), np.float32)
+    mine = compute() if ctx.world.own.replica == 0 else np.zeros((0, n, ctx.k), np.float32)
     full = gather_rows(ctx.world, mine)
     return None if full is None else np.ascontiguousarray(full.transpose(1, 0, 2))
+
+
+def gather_local_outputs(ctx: Context, models: dict, split: str) -> np.ndarray | None:
+    """(n, N, K) logits of every local CNN on a split, at rank 0 (None elsewhere)."""
+    return gather_at_root(ctx, split, lambda: np.stack([
+        logits_of(models[i], ctx.data(i, split), ctx.device, ctx.cfg.eval_batch_size)
+        for i in ctx.world.own.subdomains]))
 
 
 def load_local_models(ctx: Context, directory: str) -> dict:
@@ -210,8 +215,6 @@ def dnn_features(logits: np.ndarray, kind: str) -> torch.Tensor:
 
 def train_dnn(ctx: Context, feats: dict, labels: dict) -> tuple[dict, dict]:
     """Rank 0: train the DNN on the local outputs, select on validation, checkpoint every epoch."""
-    from .training import rng_state, set_rng_state
-
     d = ctx.cfg.dnn
     model = ctx.dnn()
     opt = torch.optim.Adam(model.parameters(), lr=d.lr, weight_decay=d.weight_decay)
@@ -220,11 +223,8 @@ def train_dnn(ctx: Context, feats: dict, labels: dict) -> tuple[dict, dict]:
     best, best_val, best_epoch, start, seconds = None, -1.0, 0, 0, 0.0
     ckpt = ctx.path("aggregate", "dnn.ckpt.pt")
     if os.path.exists(ckpt):
-        s = checkpoint.load(ckpt, map_location=ctx.device)
+        s = restore_training(ckpt, opt, sched, ctx.device)
         model.load_state_dict(s["model"])
-        opt.load_state_dict(s["optimizer"])
-        sched.load_state_dict(s["scheduler"])
-        set_rng_state(s["rng"])
         best, best_val, best_epoch, start, seconds = s["best"], s["best_val"], s["best_epoch"], s["epoch"], s["seconds"]
     t0 = time.perf_counter()
     for epoch in range(start, d.epochs):
@@ -244,9 +244,9 @@ def train_dnn(ctx: Context, feats: dict, labels: dict) -> tuple[dict, dict]:
         if val > best_val:
             best_val, best_epoch = val, epoch + 1
             best = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        checkpoint.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                         "rng": rng_state(), "epoch": epoch + 1, "best": best, "best_val": best_val,
-                         "best_epoch": best_epoch, "seconds": seconds + time.perf_counter() - t0}, ckpt)
+        checkpoint.save(training_state(opt, sched, model=model.state_dict(), epoch=epoch + 1, best=best,
+                                       best_val=best_val, best_epoch=best_epoch,
+                                       seconds=seconds + time.perf_counter() - t0), ckpt)
     return best, {"best_val": best_val, "best_epoch": best_epoch, "train_seconds": seconds + time.perf_counter() - t0,
                   "parameters": count_parameters(model)}
 
@@ -319,15 +319,12 @@ def phase_aggregate(ctx: Context) -> None:
 # ---------------------------------------------------------------------------------- coherent
 def coherent_accuracy(ctx: Context, model: DistributedCoherent, split: str) -> float:
     """Accuracy of the coherent model on a split: outputs gathered at rank 0, the DNN there."""
-    own = ctx.world.own
     n = ctx.manifest["splits"][split]
-    data = {i: ctx.data(i, split) for i in own.subdomains}
-    mine = model.local_outputs(data, np.arange(n), ctx.device, ctx.cfg.eval_batch_size) if own.replica == 0 \
-        else np.zeros((0, n, ctx.k), np.float32)
-    full = gather_rows(ctx.world, mine)
+    full = gather_at_root(ctx, split, lambda: model.local_outputs(
+        {i: ctx.data(i, split) for i in ctx.world.own.subdomains}, np.arange(n), ctx.device, ctx.cfg.eval_batch_size))
     acc = None
     if ctx.world.is_root:
-        z = torch.from_numpy(np.ascontiguousarray(full.transpose(1, 0, 2))).to(ctx.device)
+        z = torch.from_numpy(full).to(ctx.device)
         model.dnn.eval()
         with torch.no_grad():
             pred = model.dnn(z).argmax(1).cpu().numpy()
@@ -364,7 +361,6 @@ def build_coherent(ctx: Context, strategy: str) -> DistributedCoherent:
 def train_coherent(ctx: Context, strategy: str, t: TrainConfig) -> None:
     """Model-parallel training of the whole CNN-DNN; checkpoint per epoch (and at a preemption step)."""
     from .preemption import Preempted
-    from .training import rng_state, set_rng_state
 
     own, world = ctx.world.own, ctx.world
     out = ctx.path("coherent", strategy)
@@ -377,11 +373,8 @@ def train_coherent(ctx: Context, strategy: str, t: TrainConfig) -> None:
     best_val, best_epoch, history, seconds = -1.0, 0, [], 0.0
     best = _coherent_states(model)
     if os.path.exists(ckpt):
-        s = checkpoint.load(ckpt, map_location=ctx.device)
+        s = restore_training(ckpt, opt, sched, ctx.device)
         _load_coherent_states(model, s["current"])
-        opt.load_state_dict(s["optimizer"])
-        sched.load_state_dict(s["scheduler"])
-        set_rng_state(s["rng"])
         start, first_step, partial = s["epoch"], s["step"], s["partial"]
         best_val, best_epoch, history, seconds = s["best_val"], s["best_epoch"], s["history"], s["seconds"]
         best, initial_val = s["best"], s["initial_val"]
@@ -389,10 +382,9 @@ def train_coherent(ctx: Context, strategy: str, t: TrainConfig) -> None:
         initial_val = best_val = coherent_accuracy(ctx, model, "val")
 
     def save(epoch: int, step: int, partial_state) -> None:
-        checkpoint.save({"current": _coherent_states(model), "optimizer": opt.state_dict(),
-                         "scheduler": sched.state_dict(), "rng": rng_state(), "epoch": epoch, "step": step,
-                         "partial": partial_state, "best": best, "best_val": best_val, "best_epoch": best_epoch,
-                         "history": history, "seconds": seconds, "initial_val": initial_val}, ckpt)
+        checkpoint.save(training_state(opt, sched, current=_coherent_states(model), epoch=epoch, step=step,
+                                       partial=partial_state, best=best, best_val=best_val, best_epoch=best_epoch,
+                                       history=history, seconds=seconds, initial_val=initial_val), ckpt)
 
     train = {i: ctx.data(i, "train") for i in own.subdomains}
     n = ctx.manifest["splits"]["train"]

@@ -44,7 +44,7 @@ def load_model(path: str):
     if meta.get("format") != MODEL_FORMAT or meta.get("version") != MODEL_VERSION:
         raise UserError(f"{path}: not an hpcdd CNN-DNN model (format {meta.get('format')!r})")
     m = meta["model"]
-    spec = ModelSpec(m["family"], tuple(m["widths"]), m["convs_per_block"], m["hidden"], m["dropout"])
+    spec = ModelSpec.of(m)
     k, c = len(meta["classes"]), meta["image_shape"][0]
     locals_ = []
     try:

@@ -47,9 +47,8 @@ def _validate_data(cfg: Config, world: World) -> dict:
             raise UserError(f"{name}.augment_shift = {t.augment_shift} needs shards stored with --margin "
                             f">= {t.augment_shift}, but {cfg.data} has margin {manifest['margin']}")
     from .models import build_model
-    from .phases import Context as _C
 
-    probe = _C(cfg, world, cfg.out, manifest)
+    probe = Context(cfg, world, cfg.out, manifest)
     for i in own.subdomains:
         build_model(probe.spec, manifest["image_shape"][0], [b - a for a, b in manifest["boxes"][i]],
                     len(manifest["classes"]), probe.width_scale)
@@ -97,10 +96,8 @@ def checkpoint_bytes(cfg: Config, manifest: dict) -> int:
     """A generous estimate of what the checkpoints of a run need on disk."""
     from .models import ModelSpec, build_model, count_parameters
 
-    m = cfg.model
     c, *spatial = manifest["image_shape"]
-    params = count_parameters(build_model(ModelSpec(m.family, tuple(m.widths), m.convs_per_block, m.hidden, m.dropout),
-                                          c, spatial, len(manifest["classes"])))
+    params = count_parameters(build_model(ModelSpec.of(cfg.model), c, spatial, len(manifest["classes"])))
     # local + two coherent strategies + global; each: final + checkpoint (weights, best weights, 2 Adam moments)
     return 4 * params * 4 * 2 * 4 + (64 << 20)
 

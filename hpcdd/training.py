@@ -167,6 +167,20 @@ def set_rng_state(state: dict) -> None:
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
 
 
+def training_state(opt, sched, **fields) -> dict:
+    """A training checkpoint: optimizer, scheduler and RNG states plus the caller's fields."""
+    return {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(), **fields}
+
+
+def restore_training(path: str, opt, sched, device) -> dict:
+    """Load a ``training_state`` checkpoint into the optimizer, scheduler and RNGs; return it."""
+    state = checkpoint.load(path, map_location=device)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state
+
+
 def fit(model, spec: Fit) -> FitResult:
     """Train, validate every epoch, keep the best weights; resumable at any step boundary."""
     from .preemption import Preempted
@@ -180,22 +194,19 @@ def fit(model, spec: Fit) -> FitResult:
     result = FitResult(best_state=copy.deepcopy(model.state_dict()), best_val=-1.0, best_epoch=-1)
     start_epoch, start_step, partial = 0, 0, None
     if spec.ckpt_path and os.path.exists(spec.ckpt_path):
-        state = checkpoint.load(spec.ckpt_path, map_location=device)
+        state = restore_training(spec.ckpt_path, opt, sched, device)
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
         start_epoch, start_step, partial = int(state["epoch"]), int(state["step"]), state["partial"]
         result = FitResult(state["best_state"], float(state["best_val"]), int(state["best_epoch"]),
                            list(state["history"]), float(state["train_seconds"]), int(state["images"]))
 
     def save(epoch: int, step: int, partial_state) -> None:
         if spec.ckpt_path and spec.writer:
-            checkpoint.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                             "scheduler": sched.state_dict(), "rng": rng_state(), "epoch": epoch, "step": step,
-                             "partial": partial_state, "best_state": result.best_state, "best_val": result.best_val,
-                             "best_epoch": result.best_epoch, "history": result.history,
-                             "train_seconds": result.train_seconds, "images": result.images}, spec.ckpt_path)
+            checkpoint.save(training_state(opt, sched, model=model.state_dict(), epoch=epoch, step=step,
+                                           partial=partial_state, best_state=result.best_state,
+                                           best_val=result.best_val, best_epoch=result.best_epoch,
+                                           history=result.history, train_seconds=result.train_seconds,
+                                           images=result.images), spec.ckpt_path)
 
     dims = spec.train.x.dim() - 2 if spec.train.in_memory else len(spec.train.reader.expected_shape()) - 1
     n = len(spec.train)
