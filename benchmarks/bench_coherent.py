@@ -27,13 +27,16 @@ def worker(mode: str, data: str, steps: int, threads: int, batch: int) -> None:
 
     from hpcdd.coherent import CoherentModel, DistributedCoherent
     from hpcdd.config import build_config
-    from hpcdd.data import load_manifest
-    from hpcdd.parallel import World, WorldInfo, init_world, ownership, slice_rows
-    from hpcdd.phases import Context
-    from hpcdd.training import epoch_batches, make_optimizer
+    from hpcdd.engine import make_optimizer
+    from hpcdd.factory import DataCache, Models
+    from hpcdd.launcher import WorldInfo
+    from hpcdd.manifest import load_manifest
+    from hpcdd.ownership import ownership, slice_rows
+    from hpcdd.parallel import World, init_world
+    from hpcdd.rng import stream_of
 
     manifest = load_manifest(data)
-    n = len(manifest["shards"])
+    n = manifest.n
     if mode == "dist":
         world = init_world(device="cpu", threads=1)
         world.set_ownership(n)
@@ -42,15 +45,16 @@ def worker(mode: str, data: str, steps: int, threads: int, batch: int) -> None:
         world = World(WorldInfo(0, 1, 0, 1, "none"), device=torch.device("cpu"), threads=threads)
         world.own = ownership(1, n, 0)
     cfg = build_config({}, {"data": data, "out": "unused"})
-    ctx = Context(cfg, world, "unused", manifest)
+    models, data_of = Models(cfg.model, cfg.dnn, manifest, cfg.seed), DataCache(manifest, cfg.memory_limit_gb)
     own = world.own
-    batches = epoch_batches(0, 0, manifest["splits"]["train"], batch)[: steps + 5]
+    stream = stream_of(0, "coherent scratch")
+    batches = stream.batches(0, manifest.count("train"), batch)[: steps + 5]
     first = own.subdomains[0]
-    y_all = ctx.data(first, "train").y
+    y_all = data_of(first, "train").y
     if mode == "dist":
-        model = DistributedCoherent(world, {i: ctx.local_model(i) for i in own.subdomains}, ctx.dnn(), n)
+        model = DistributedCoherent(world, {i: models.local(i) for i in own.subdomains}, models.dnn(), n)
     else:
-        model = CoherentModel([ctx.local_model(i) for i in range(n)], ctx.dnn())
+        model = CoherentModel([models.local(i) for i in range(n)], models.dnn())
     opt = make_optimizer(list(model.parameters()), cfg.coherent.scratch)
     times = []
     for step, rows in enumerate(batches):
@@ -60,10 +64,11 @@ def worker(mode: str, data: str, steps: int, threads: int, batch: int) -> None:
         y = y_all[torch.from_numpy(rows)]
         if mode == "dist":
             mine = rows[slice_rows(len(rows), own.replicas, own.replica)]
-            xs = {i: ctx.data(i, "train").batch(mine)[0] for i in own.subdomains}
-            model.step(xs, y, len(rows), opt, (0, 0, 0, step))
+            xs = {i: data_of(i, "train").batch(mine)[0] for i in own.subdomains}
+            model.step(xs, y, len(rows), opt, stream.step_counters(0, step))
         else:
-            loss = F.cross_entropy(model([ctx.data(i, "train").batch(rows)[0] for i in range(n)], seeds=(0, 0, 0, step)), y)
+            loss = F.cross_entropy(model([data_of(i, "train").batch(rows)[0] for i in range(n)],
+                                         stream.step_counters(0, step)), y)
             opt.zero_grad()
             loss.backward()
             opt.step()

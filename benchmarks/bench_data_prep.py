@@ -24,7 +24,8 @@ def main() -> None:
     import torch  # noqa: F401  (imported before timing the loads)
 
     from data_prep.cli import run
-    from hpcdd.data import ShardReader, SplitData, load_manifest
+    from hpcdd.data import ShardReader, SplitData
+    from hpcdd.manifest import load_manifest
 
     work = tempfile.mkdtemp(prefix="hpcdd-bench-prep-")
     try:
@@ -33,11 +34,11 @@ def main() -> None:
         run(["idx", FASHION, out, "--grid", "4x4", "--overlap", "2", "--name", "fashion-mnist", "--quiet"])
         prep = time.perf_counter() - t0
         m = load_manifest(out)
-        total = sum(m["splits"].values())
+        total = sum(m.splits.values())
         print(f"data_prep: {total} images -> 16 shards + full.h5 in {prep:.2f} s "
               f"(target <= 15 s: {'PASS' if prep <= 15 else 'FAIL'})")
         i = 5  # an interior subdomain: the largest subimage (with overlap on every side)
-        reader = ShardReader(out, i, m)
+        reader = ShardReader(m, i)
         nbytes = reader.nbytes("train")
         times = []
         for _ in range(3):
@@ -48,19 +49,21 @@ def main() -> None:
         raw = nbytes / min(times) / 1e6
         reader.close()
         t0 = time.perf_counter()
-        split = SplitData.load(ShardReader(out, i, m), "train")
+        split = SplitData.load(ShardReader(m, i), "train")
         load = time.perf_counter() - t0
-        print(f"read sub_{i:03d}.h5 train ({nbytes / 1e6:.1f} MB raw, {m['splits']['train']} subimages): "
+        print(f"read sub_{i:03d}.h5 train ({nbytes / 1e6:.1f} MB raw, {m.count('train')} subimages): "
               f"{raw:.0f} MB/s raw HDF5; {nbytes / load / 1e6:.0f} MB/s into normalised float32 tensors ({load:.2f} s)")
         from hpcdd.config import TrainConfig
-        from hpcdd.models import ModelSpec, build_model
+        from hpcdd.config import ModelConfig
+        from hpcdd.models import build_model
+        from hpcdd.rng import stream_of
         from hpcdd.training import Fit, fit
 
         torch.set_num_threads(1)
-        model = build_model(ModelSpec(), 1, split.x.shape[2:], 10, 0.25)
-        res = fit(model, Fit(train=split, val=SplitData.load(ShardReader(out, i, m), "val"),
-                             t=TrainConfig(epochs=1), seed=0, key=(0, i), device=torch.device("cpu")))
-        consume = res.history[0]["images_per_s"] * nbytes / m["splits"]["train"] / 1e6
+        model = build_model(ModelConfig(), 1, split.x.shape[2:], 10, 0.25)
+        res = fit(model, Fit(name=f"local subdomain {i}", train=split, val=SplitData.load(ShardReader(m, i), "val"),
+                             t=TrainConfig(epochs=1), stream=stream_of(0, "local", i), device=torch.device("cpu")))
+        consume = res.history[0]["images_per_s"] * nbytes / m.count("train") / 1e6
         print(f"local training (1 thread) consumes {res.history[0]['images_per_s']:.0f} subimages/s = {consume:.2f} MB/s; "
               f"reading is {raw / consume:.0f}x faster than training needs, and happens once per run")
     finally:

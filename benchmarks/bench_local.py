@@ -52,9 +52,11 @@ def main() -> None:
 
     import torch
 
-    from hpcdd.config import TrainConfig
-    from hpcdd.data import ShardReader, SplitData, load_manifest
-    from hpcdd.models import ModelSpec, build_model, default_width_scale
+    from hpcdd.config import ModelConfig, TrainConfig
+    from hpcdd.data import ShardReader, SplitData
+    from hpcdd.manifest import load_manifest
+    from hpcdd.models import build_model, default_width_scale
+    from hpcdd.rng import stream_of
     from hpcdd.training import Fit, fit
 
     torch.set_num_threads(args.threads)
@@ -62,21 +64,22 @@ def main() -> None:
     data = prepared(args.grid, 1, args.train)
     m = load_manifest(data)
     i = args.subdomain
-    train = SplitData.load(ShardReader(data, i, m), "train")
-    val = SplitData.load(ShardReader(data, i, m), "val")
-    n_sub = len(m["shards"])
+    train = SplitData.load(ShardReader(m, i), "train")
+    val = SplitData.load(ShardReader(m, i), "val")
+    n_sub = m.n
     t = TrainConfig(epochs=1, batch_size=128, lr=1e-3)
 
     def fresh():
         torch.manual_seed(0)
-        return build_model(ModelSpec(), 1, train.x.shape[2:], 10, default_width_scale(n_sub)).to(device)
+        return build_model(ModelConfig(), 1, train.x.shape[2:], 10, default_width_scale(n_sub)).to(device)
 
     x, y = train.x.to(device), train.y.to(device)
     hpcdd_rates, bare_rates = [], []
     fresh()(x[:2])  # warm-up of the kernels
     for r in range(args.repeats):
-        res = fit(fresh(), Fit(train=train, val=val, t=t, seed=r, key=(0, i), device=device))
-        hpcdd_rates.append(res.images / res.train_seconds)
+        res = fit(fresh(), Fit(name=f"local subdomain {i}", train=train, val=val, t=t, stream=stream_of(r, "local", i),
+                               device=device))
+        hpcdd_rates.append(res.images / res.seconds)
         seconds = bare_epoch(fresh(), x, y, t.batch_size, t.lr, t.weight_decay, r)
         bare_rates.append(len(y) / seconds)
         print(f"repeat {r}: hpcdd {hpcdd_rates[-1]:8.0f} img/s   bare PyTorch {bare_rates[-1]:8.0f} img/s")

@@ -1,4 +1,4 @@
-"""Write a ``Source`` as HDF5 shards: one file per subdomain plus ``full.h5`` (see DESIGN.md s5).
+"""Write a ``Source`` as HDF5 shards: one file per subdomain plus ``full.h5`` (format: docs/shard-format.md).
 
 The output directory appears whole or not at all: everything is written into a temporary sibling
 directory that is renamed into place at the end.
@@ -19,7 +19,8 @@ import h5py
 import numpy as np
 
 from hpcdd import __version__
-from hpcdd.data import FORMAT_VERSION, FULL_NAME, MANIFEST_NAME, ids_digest, shard_name
+from hpcdd.data import ids_digest
+from hpcdd.manifest import FORMAT_VERSION, FULL_NAME, MANIFEST_NAME, shard_name
 from hpcdd.decomposition import Decomposition
 from hpcdd.errors import UserError
 

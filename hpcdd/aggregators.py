@@ -8,11 +8,7 @@ broken by the larger summed probability over all local CNNs.
 from __future__ import annotations
 
 import numpy as np
-import torch
 from torch import nn
-
-METHODS = ("dnn", "average", "vote")
-
 
 class DNN(nn.Module):
     """Dense net over the flattened (N, K) local outputs; ``hidden`` sizes, ReLU, dropout."""
@@ -47,10 +43,3 @@ def vote(probs: np.ndarray) -> np.ndarray:
 
 def accuracy(pred: np.ndarray, y: np.ndarray) -> float:
     return float((np.asarray(pred) == np.asarray(y)).mean()) if len(y) else float("nan")
-
-
-def dnn_inputs(logits: np.ndarray, kind: str) -> np.ndarray:
-    """What the DNN sees: softmax probabilities (the paper) or raw logits."""
-    if kind == "logits":
-        return logits.astype(np.float32)
-    return torch.softmax(torch.from_numpy(logits), dim=-1).numpy()

@@ -57,6 +57,12 @@ def load(path: str, map_location="cpu"):
         raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
 
 
+def save_npz(path: str, **arrays) -> None:
+    import numpy as np
+
+    _atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
 def write_json(obj, path: str) -> None:
     _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1, sort_keys=False) + "\n").encode()))
 
@@ -65,11 +71,11 @@ def write_text(text: str, path: str) -> None:
     _atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def read_json(path: str):
+def read_json(path: str, missing: str = "missing"):
     try:
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
-        raise UserError(f"{path}: missing") from None
+        raise UserError(f"{path}: {missing}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: corrupt JSON ({e})") from None

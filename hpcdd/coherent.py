@@ -8,6 +8,7 @@ on every rank, and the gradient of the loss with respect to (B, N, K) is what ea
 back into its own local CNNs. Only outputs cross ranks; images and CNN weights never do.
 Replicas of a subdomain each compute a slice of the minibatch and sum their gradients in their
 group. ``dnn_input`` chooses what the DNN sees: softmax probabilities (the paper) or logits.
+Where its collectives sit in a run: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .parallel import World, allreduce_grads_, slice_rows
-from .training import TAG_COHERENT, TAG_DNN, seed_step
+from .collectives import allgather_rows
+from .ownership import slice_rows
+from .rng import TAG_COHERENT, TAG_DNN, seed_torch
 
 
 def dnn_view(logits: torch.Tensor, kind: str) -> torch.Tensor:
@@ -34,21 +36,21 @@ class CoherentModel(nn.Module):
         self.dnn = dnn
         self.dnn_input = dnn_input
 
-    def forward(self, subimages, seeds: tuple | None = None):
+    def forward(self, subimages, counters: tuple | None = None):
         outs = []
         for i, (model, x) in enumerate(zip(self.local_models, subimages)):
-            if seeds is not None:
-                seed_step(*seeds, TAG_COHERENT, i)
+            if counters is not None:
+                seed_torch(*counters, TAG_COHERENT, i)
             outs.append(dnn_view(model(x), self.dnn_input))
-        if seeds is not None:
-            seed_step(*seeds, TAG_DNN)
+        if counters is not None:
+            seed_torch(*counters, TAG_DNN)
         return self.dnn(torch.stack(outs, dim=1))
 
 
 class DistributedCoherent:
     """One rank's share of the coherent model: its local CNNs and a replica of the DNN."""
 
-    def __init__(self, world: World, local_models: dict, dnn: nn.Module, n: int, dnn_input: str = "probs"):
+    def __init__(self, world, local_models: dict, dnn: nn.Module, n: int, dnn_input: str = "probs"):
         self.world, self.local_models, self.dnn, self.n = world, local_models, dnn, n
         self.dnn_input = dnn_input
         own = world.own
@@ -81,15 +83,10 @@ class DistributedCoherent:
         world = self.world
         if world.comm is None or world.size == 1:
             return np.ascontiguousarray(mine.transpose(1, 0, 2))
-        from mpi4py import MPI
-
         slices = self._slices(batch)
         counts = np.array([len(self.table[r]) * (s.stop - s.start) * k for r, s in enumerate(slices)], dtype=np.int64)
-        displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        recv = np.empty(int(counts.sum()), dtype=np.float32)
         t0 = time.perf_counter()
-        world.comm.Allgatherv(np.ascontiguousarray(mine, dtype=np.float32).reshape(-1),
-                              [recv, counts, displs, MPI.FLOAT])
+        recv, displs = allgather_rows(world.comm, mine, counts)
         self.comm_time += time.perf_counter() - t0
         full = np.empty((batch, self.n, k), dtype=np.float32)
         for r, s in enumerate(slices):
@@ -99,10 +96,11 @@ class DistributedCoherent:
                 full[s, i] = block[j]
         return full
 
-    def step(self, xs: dict, y: torch.Tensor, batch: int, optimizer, seeds: tuple) -> float:
+    def step(self, xs: dict, y: torch.Tensor, batch: int, optimizer, counters: tuple):
         """One training step on a minibatch of ``batch`` samples (``xs[i]``: this rank's rows).
 
-        Returns the minibatch loss (mean over all ``batch`` samples), identical on every rank.
+        Returns the minibatch loss (mean over all ``batch`` samples) and the DNN's (B, K) outputs,
+        identical on every rank. ``counters`` seed the dropout of this step.
         """
         import time
 
@@ -110,24 +108,25 @@ class DistributedCoherent:
         mine = slice_rows(batch, self.replicas, self.replica)
         outs = []
         for i in sorted(self.local_models):
-            seed_step(*seeds, TAG_COHERENT, i)
+            seed_torch(*counters, TAG_COHERENT, i)
             outs.append(dnn_view(self.local_models[i](xs[i]), self.dnn_input))
         local = torch.stack(outs) if outs else torch.zeros((0, mine.stop - mine.start, 0), device=device)
         k = local.shape[-1]
         full = self.gather_outputs(local.detach().float().cpu().numpy(), batch, k)
         z = torch.from_numpy(full).to(device).requires_grad_(True)
-        seed_step(*seeds, TAG_DNN)
-        loss = F.cross_entropy(self.dnn(z), y)
+        seed_torch(*counters, TAG_DNN)
+        out = self.dnn(z)
+        loss = F.cross_entropy(out, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad = z.grad[mine].permute(1, 0, 2)[sorted(self.local_models)]
         torch.autograd.backward(local, grad.to(local.dtype))
         if self.replicas > 1:
             t0 = time.perf_counter()
-            allreduce_grads_(list(self.local_parameters()), self.world.group)
+            self.world.replicas.sum_grads_(list(self.local_parameters()))
             self.comm_time += time.perf_counter() - t0
         optimizer.step()
-        return float(loss.detach())
+        return loss.detach(), out.detach()
 
     @torch.no_grad()
     def local_outputs(self, data: dict, rows: np.ndarray, device, batch_size: int) -> np.ndarray:

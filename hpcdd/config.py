@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
 
 from .errors import UserError
+from .phases import PHASES
 
-PHASES = ("local", "aggregate", "coherent", "global", "report")
 FAMILIES = ("vgg", "resnet20", "resnet32", "resnet18")
 STRATEGIES = ("scratch", "transfer")
 
 
 @dataclass
 class ModelConfig:
+    """The CNN family and its global widths; local CNNs scale the widths (``build_model``)."""
+
     family: str = "vgg"
     widths: list[int] = field(default_factory=lambda: [32, 64, 128])
     convs_per_block: int = 2
@@ -31,7 +33,9 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig:
+class OptimConfig:
+    """What every trained model has: epochs, minibatch, optimizer and per-epoch schedule."""
+
     epochs: int = 5
     batch_size: int = 128
     optimizer: str = "adam"
@@ -41,18 +45,25 @@ class TrainConfig:
     schedule: str = "cosine"
     step_size: int = 10
     gamma: float = 0.1
+
+
+@dataclass
+class TrainConfig(OptimConfig):
+    """A CNN training (local, global, coherent strategies)."""
+
     augment_shift: int = 0
 
 
 @dataclass
-class DNNConfig:
+class DNNConfig(OptimConfig):
+    """The dense aggregator, trained by the same engine as the CNNs."""
+
+    epochs: int = 40
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
     hidden: list[int] = field(default_factory=lambda: [64])
     dropout: float = 0.1
     input: str = "probs"
-    epochs: int = 40
-    batch_size: int = 128
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
 
 
 @dataclass
@@ -147,7 +158,7 @@ def _coerce(key: str, value, t, where: str):
                 raise TypeError
             return int(value)
         if t is float:
-            if isinstance(value, bool):
+            if isinstance(value, bool) or not math.isfinite(float(value)):
                 raise TypeError
             return float(value)
         if t is str:
@@ -156,7 +167,7 @@ def _coerce(key: str, value, t, where: str):
             return str(value)
     except (TypeError, ValueError):
         pass
-    name = getattr(t, "__name__", str(t)).replace("list[int]", "comma-separated integers")
+    name = {"float": "a finite number", "int": "an integer"}.get(getattr(t, "__name__", ""), getattr(t, "__name__", str(t)))
     if origin is list:
         name = "a list of " + typing.get_args(t)[0].__name__
     raise UserError(f"{where}: {key} = {value!r}: expected {name}")
@@ -197,23 +208,24 @@ def load_toml(path: str) -> dict:
         raise UserError(f"--config {path}: not a text file") from None
 
 
-def build_config(file_values: dict | None, overrides: dict[str, object], file_name: str = "config") -> Config:
-    """Defaults, then the file, then the command line; then validation."""
+def build_config(file_values: dict | None, overrides: dict[str, object], file_name: str = "config",
+                 shorthands: dict[str, object] | None = None) -> Config:
+    """Defaults, then the file, then the command line's shorthands (``--epochs``), then its keys
+    (``--set``, ``--seed`` ...): a specific key always wins over a shorthand, whatever the order of
+    the flags. Then validation."""
     cfg = Config()
     for key, value in _flatten(file_values or {}).items():
         _set(cfg, key, value, file_name)
+    for key, value in (shorthands or {}).items():
+        _set(cfg, key, value, "command line")
     for key, value in overrides.items():
         _set(cfg, key, value, "command line")
     validate(cfg)
     return cfg
 
 
-def from_dict(values: dict, where: str) -> Config:
-    return build_config(values, {}, where)
-
-
-def _train_checks(prefix: str, t: TrainConfig) -> list[tuple[bool, str]]:
-    return [
+def _train_checks(prefix: str, t: OptimConfig) -> list[tuple[bool, str]]:
+    checks = [
         (t.epochs >= 1, f"{prefix}.epochs = {t.epochs}: expected a positive number of epochs"),
         (t.batch_size >= 1, f"{prefix}.batch_size = {t.batch_size}: expected a positive batch size"),
         (t.optimizer in ("sgd", "adam", "adamw"), f"{prefix}.optimizer = {t.optimizer!r}: expected sgd, adam or adamw"),
@@ -223,8 +235,10 @@ def _train_checks(prefix: str, t: TrainConfig) -> list[tuple[bool, str]]:
         (t.schedule in ("constant", "cosine", "step"), f"{prefix}.schedule = {t.schedule!r}: expected constant, cosine or step"),
         (t.step_size >= 1, f"{prefix}.step_size = {t.step_size}: expected a positive number of epochs"),
         (0 < t.gamma <= 1, f"{prefix}.gamma = {t.gamma}: expected 0 < gamma <= 1"),
-        (t.augment_shift >= 0, f"{prefix}.augment_shift = {t.augment_shift}: expected 0 or more pixels"),
     ]
+    if isinstance(t, TrainConfig):
+        checks.append((t.augment_shift >= 0, f"{prefix}.augment_shift = {t.augment_shift}: expected 0 or more pixels"))
+    return checks
 
 
 def validate(cfg: Config) -> None:
@@ -245,10 +259,6 @@ def validate(cfg: Config) -> None:
         (all(h >= 1 for h in d.hidden), f"dnn.hidden = {d.hidden}: expected positive layer widths"),
         (0 <= d.dropout < 1, f"dnn.dropout = {d.dropout}: expected 0 <= dropout < 1"),
         (d.input in ("probs", "logits"), f"dnn.input = {d.input!r}: expected probs or logits"),
-        (d.epochs >= 1, f"dnn.epochs = {d.epochs}: expected a positive number of epochs"),
-        (d.batch_size >= 1, f"dnn.batch_size = {d.batch_size}: expected a positive batch size"),
-        (d.lr > 0, f"dnn.lr = {d.lr}: expected a positive learning rate"),
-        (d.weight_decay >= 0, f"dnn.weight_decay = {d.weight_decay}: expected a non-negative number"),
         (bool(cfg.coherent.strategies), "coherent.strategies: expected scratch, transfer or both"),
     ]
     for p in cfg.phases:
@@ -257,7 +267,7 @@ def validate(cfg: Config) -> None:
         checks.append((s in STRATEGIES, f"coherent.strategies: unknown strategy {s!r}; expected scratch or transfer"))
     checks += _train_checks("local", cfg.local) + _train_checks("global", cfg.global_)
     checks += _train_checks("coherent.scratch", cfg.coherent.scratch)
-    checks += _train_checks("coherent.transfer", cfg.coherent.transfer)
+    checks += _train_checks("coherent.transfer", cfg.coherent.transfer) + _train_checks("dnn", cfg.dnn)
     for ok, message in checks:
         if not ok:
             raise UserError(message)
@@ -274,5 +284,34 @@ def parse_override(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
-def dumps(cfg: Config) -> str:
-    return json.dumps(cfg.to_dict(), indent=1)
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return str(v)
+
+
+def to_toml(cfg: Config) -> str:
+    """The configuration as TOML that ``--config`` reads back to the same configuration."""
+    lines, tables = [], []
+
+    def walk(values: dict, name: str) -> None:
+        scalars = {k: v for k, v in values.items() if not isinstance(v, dict)}
+        if name:
+            tables.append((name, scalars))
+        else:
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in scalars.items())
+        for k, v in values.items():
+            if isinstance(v, dict):
+                walk(v, f"{name}.{k}" if name else k)
+
+    walk(cfg.to_dict(), "")
+    for name, scalars in tables:
+        if scalars:
+            lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in scalars.items()]
+    return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""Shards: reading the HDF5 files that ``data_prep`` writes (format in DESIGN.md section 5).
+"""Shards: reading the HDF5 files that ``data_prep`` writes (format: docs/shard-format.md).
 
 A reader opens its file read-only inside the process that reads it, never before a fork, and
 leaves file locking to HDF5 (so ``HDF5_USE_FILE_LOCKING=FALSE`` works on parallel file systems).
@@ -7,73 +7,29 @@ leaves file locking to HDF5 (so ``HDF5_USE_FILE_LOCKING=FALSE`` works on paralle
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from .decomposition import Decomposition
 from .errors import UserError
+from .manifest import FORMAT_VERSION, Manifest
 
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-FULL_NAME = "full.h5"
-SPLITS = ("train", "val", "test")
 DEFAULT_MEMORY_LIMIT = 4 << 30
-
-
-def shard_name(i: int) -> str:
-    return f"sub_{i:03d}.h5"
 
 
 def ids_digest(ids: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(ids, dtype="<i8").tobytes()).hexdigest()
 
 
-_MANIFEST_KEYS = ("format_version", "classes", "splits", "image_shape", "grid", "overlap", "margin",
-                  "boxes", "dtype", "scale", "mean", "std", "prep_id", "sample_ids_sha256", "shards")
-
-
-def load_manifest(data_dir: str) -> dict:
-    """Read and check ``DATA/manifest.json``."""
-    path = os.path.join(data_dir, MANIFEST_NAME)
-    if not os.path.isdir(data_dir):
-        raise UserError(f"--data {data_dir}: no such directory; prepare one with `python -m data_prep`")
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{path}: missing; is {data_dir} a directory written by data_prep?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: corrupt JSON ({e})") from None
-    if not isinstance(manifest, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    missing = [k for k in _MANIFEST_KEYS if k not in manifest]
-    if missing:
-        raise UserError(f"{path}: missing keys {', '.join(missing)}; re-run data_prep")
-    if manifest["format_version"] != FORMAT_VERSION:
-        raise UserError(f"{path}: shard format {manifest['format_version']}, this hpcdd reads format "
-                        f"{FORMAT_VERSION}; re-run data_prep")
-    deco = Decomposition(manifest["image_shape"][1:], manifest["grid"], manifest["overlap"])
-    if [[list(b) for b in box] for box in deco.boxes()] != manifest["boxes"]:
-        raise UserError(f"{path}: boxes do not match grid {manifest['grid']} and overlap {manifest['overlap']}")
-    return manifest
-
-
-def decomposition_of(manifest: dict) -> Decomposition:
-    return Decomposition(manifest["image_shape"][1:], manifest["grid"], manifest["overlap"])
-
-
 class ShardReader:
     """Read one shard (``index`` a subdomain, or ``None`` for ``full.h5``) of a prepared dataset."""
 
-    def __init__(self, data_dir: str, index: int | None, manifest: dict | None = None):
-        self.data_dir = data_dir
-        self.manifest = manifest if manifest is not None else load_manifest(data_dir)
+    def __init__(self, manifest: Manifest, index: int | None):
+        self.manifest = manifest
+        self.data_dir = manifest.data_dir
         self.index = index
-        self.name = FULL_NAME if index is None else shard_name(index)
-        self.path = os.path.join(data_dir, self.name)
+        self.path = manifest.shard_path(index)
         self._file = None
 
     def open(self):
@@ -102,13 +58,7 @@ class ShardReader:
         self.close()
 
     def expected_shape(self) -> tuple[int, ...]:
-        m, margin = self.manifest, self.manifest["margin"]
-        c = m["image_shape"][0]
-        if self.index is None:
-            spatial = m["image_shape"][1:]
-        else:
-            spatial = [b - a for a, b in m["boxes"][self.index]]
-        return (c,) + tuple(s + 2 * margin for s in spatial)
+        return self.manifest.stored_shape(self.index)
 
     def validate(self, deep: bool = False) -> None:
         """Check this shard against the manifest: attributes, shapes, sample ids (and pixels if deep)."""
@@ -117,8 +67,8 @@ class ShardReader:
         where = self.path
         try:
             attrs = dict(f.attrs)
-            checks = [("format_version", FORMAT_VERSION), ("prep_id", m["prep_id"]),
-                      ("grid", list(m["grid"])), ("overlap", m["overlap"]), ("margin", m["margin"])]
+            checks = [("format_version", FORMAT_VERSION), ("prep_id", m.prep_id),
+                      ("grid", list(m.grid)), ("overlap", m.overlap), ("margin", m.margin)]
             for key, want in checks:
                 got = attrs.get(key)
                 got = got.tolist() if isinstance(got, np.ndarray) else got
@@ -126,10 +76,10 @@ class ShardReader:
                 if got != want:
                     raise UserError(f"{where}: attribute {key} is {got!r} but the manifest says {want!r}; "
                                     f"shards come from different data_prep runs")
-            if self.index is not None and np.asarray(attrs.get("box")).tolist() != m["boxes"][self.index]:
+            if self.index is not None and np.asarray(attrs.get("box")).tolist() != [list(a) for a in m.boxes[self.index]]:
                 raise UserError(f"{where}: box differs from the manifest's box for subdomain {self.index}")
             shape = self.expected_shape()
-            for split, n in m["splits"].items():
+            for split, n in m.splits.items():
                 if split not in f:
                     raise UserError(f"{where}: missing split group {split!r}")
                 g = f[split]
@@ -140,12 +90,12 @@ class ShardReader:
                     raise UserError(f"{where}: {split}/x has shape {tuple(g['x'].shape)}, expected {(n,) + shape}")
                 if g["y"].shape != (n,) or g["sample_id"].shape != (n,):
                     raise UserError(f"{where}: {split}/y or sample_id do not hold {n} entries")
-                if ids_digest(g["sample_id"][:]) != m["sample_ids_sha256"][split]:
+                if ids_digest(g["sample_id"][:]) != m.sample_ids_sha256[split]:
                     raise UserError(f"{where}: {split} sample ids differ from the manifest; "
                                     f"shards come from different data_prep runs")
                 y = g["y"][:]
-                if n and (y.min() < 0 or y.max() >= len(m["classes"])):
-                    raise UserError(f"{where}: {split} labels outside 0..{len(m['classes']) - 1}")
+                if n and (y.min() < 0 or y.max() >= m.k):
+                    raise UserError(f"{where}: {split} labels outside 0..{m.k - 1}")
                 if deep:
                     self._check_pixels(g["x"], f"{where}: {split}/x")
         except UserError:
@@ -160,9 +110,6 @@ class ShardReader:
             block = ds[a:a + step]
             if block.dtype.kind == "f" and not np.all(np.isfinite(block)):
                 raise UserError(f"{where}: contains NaN or Inf pixels")
-
-    def count(self, split: str) -> int:
-        return int(self.manifest["splits"][split])
 
     def read(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The whole split in memory: (x, y, sample_id)."""
@@ -228,17 +175,15 @@ class SplitData:
         import torch
 
         m = reader.manifest
-        c = m["image_shape"][0]
-        dims = len(m["image_shape"]) - 1
-        view = (1, c) + (1,) * dims
-        mean = torch.tensor(m["mean"], dtype=torch.float32).view(view)
-        std = torch.tensor(m["std"], dtype=torch.float32).view(view)
-        n = reader.count(split)
+        view = (1, m.channels) + (1,) * m.dims
+        mean = torch.tensor(m.mean, dtype=torch.float32).view(view)
+        std = torch.tensor(m.std, dtype=torch.float32).view(view)
+        n = m.count(split)
         g = reader._group(split)
         ids = g["sample_id"][:].astype(np.int64)
         y = torch.from_numpy(g["y"][:].astype(np.int64))
         in_memory = n * int(np.prod(reader.expected_shape())) * 4 <= memory_limit
-        self = cls(reader, split, None, y, ids, mean, std, float(m["scale"]), int(m["margin"]))
+        self = cls(reader, split, None, y, ids, mean, std, m.scale, m.margin)
         if in_memory:
             xs = []
             for x, _, _ in reader.iter_chunks(split):
@@ -261,10 +206,12 @@ class SplitData:
     def in_memory(self) -> bool:
         return self.x is not None
 
-    def _normalise(self, x):
-        import torch
+    @property
+    def dims(self) -> int:
+        return self.reader.manifest.dims
 
-        return (x.to(torch.float32) * self.scale - self.mean) / self.std
+    def _normalise(self, x):
+        return normalise(x, self.scale, self.mean, self.std)
 
     def batch(self, rows: np.ndarray, shifts: np.ndarray | None = None):
         """(x, y) for the given rows, cropped to the subimage (shifted by ``shifts`` if given)."""
@@ -277,6 +224,36 @@ class SplitData:
             xr, yr = self.reader.read_rows(self.split, np.asarray(rows))
             x, y = self._normalise(torch.from_numpy(xr)), torch.from_numpy(yr)
         return crop(x, self.margin, shifts), y
+
+
+def normalise(x, scale: float, mean, std):
+    """Stored pixels to the network's input: scaled, then standardised per channel."""
+    import torch
+
+    return (x.to(torch.float32) * scale - mean) / std
+
+
+@dataclass
+class TensorData:
+    """A split that is already a tensor (the DNN's inputs: local outputs (n, N, K)), read like a SplitData."""
+
+    x: "object"
+    y: "object"
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def ids(self) -> np.ndarray:
+        return np.arange(len(self.y))
+
+    dims = 0
+
+    def batch(self, rows: np.ndarray, shifts=None):
+        import torch
+
+        idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        return self.x.index_select(0, idx.to(self.x.device)), self.y.index_select(0, idx)
 
 
 def crop(x, margin: int, shifts: np.ndarray | None = None):

@@ -9,28 +9,11 @@ pooling, so it accepts any input size its pooling allows.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from .config import FAMILIES
+from .config import FAMILIES, ModelConfig
 from .errors import UserError
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    family: str = "vgg"
-    widths: tuple[int, ...] = (32, 64, 128)
-    convs_per_block: int = 2
-    hidden: int = 128
-    dropout: float = 0.2
-
-    @classmethod
-    def of(cls, m) -> "ModelSpec":
-        """From a ``ModelConfig``, or a dict with the same keys (an exported model's meta)."""
-        get = m.get if isinstance(m, dict) else (lambda key: getattr(m, key))
-        return cls(get("family"), tuple(get("widths")), get("convs_per_block"), get("hidden"), get("dropout"))
 
 
 def _layers(dims: int):
@@ -120,7 +103,7 @@ def scaled(widths, scale: float) -> tuple[int, ...]:
     return tuple(max(4, int(round(w * scale))) for w in widths)
 
 
-def build_model(spec: ModelSpec, in_channels: int, spatial, num_classes: int, width_scale: float = 1.0) -> nn.Module:
+def build_model(spec: ModelConfig, in_channels: int, spatial, num_classes: int, width_scale: float = 1.0) -> nn.Module:
     """The family's CNN for inputs (C, *spatial), with widths multiplied by ``width_scale``."""
     spatial = tuple(int(s) for s in spatial)
     if spec.family == "vgg":
@@ -145,18 +128,3 @@ def count_parameters(model: nn.Module) -> int:
 
 def default_width_scale(n_subdomains: int) -> float:
     return 1.0 / math.sqrt(n_subdomains)
-
-
-def state_to_cpu(model: nn.Module) -> dict:
-    """A detached CPU copy of the state dict (plain tensors: loadable with weights_only=True)."""
-    return {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, batches, device) -> torch.Tensor:
-    """Logits of the model (eval mode) over an iterable of input batches, on the CPU."""
-    was_training = model.training
-    model.eval()
-    out = [model(x.to(device, non_blocking=True)).float().cpu() for x in batches]
-    model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0)

@@ -27,47 +27,13 @@ def build_parser():
     return p
 
 
-def load_model(path: str):
-    """(CoherentModel, meta) from a model.pt; a UserError if it is not one."""
-    from . import checkpoint
-    from .aggregators import DNN
-    from .coherent import CoherentModel
-    from .models import ModelSpec, build_model
-    from .report import MODEL_FORMAT, MODEL_VERSION
-
-    if os.path.isdir(path):
-        path = os.path.join(path, "model.pt")
-    if not os.path.exists(path):
-        raise UserError(f"{path}: missing; the report phase writes it at the end of a run")
-    saved = checkpoint.load(path)
-    meta = saved.get("meta", {}) if isinstance(saved, dict) else {}
-    if meta.get("format") != MODEL_FORMAT or meta.get("version") != MODEL_VERSION:
-        raise UserError(f"{path}: not an hpcdd CNN-DNN model (format {meta.get('format')!r})")
-    m = meta["model"]
-    spec = ModelSpec.of(m)
-    k, c = len(meta["classes"]), meta["image_shape"][0]
-    locals_ = []
-    try:
-        for i, box in enumerate(meta["boxes"]):
-            model = build_model(spec, c, [b - a for a, b in box], k, m["width_scale"])
-            model.load_state_dict(saved["local"][f"sub_{i:03d}"])
-            locals_.append(model)
-        dnn = DNN(len(meta["boxes"]), k, tuple(meta["dnn"]["hidden"]), meta["dnn"]["dropout"])
-        dnn.load_state_dict(saved["dnn"])
-    except (KeyError, RuntimeError) as e:
-        raise UserError(f"{path}: weights do not match the architecture it describes ({str(e).splitlines()[0][:160]})") from None
-    model = CoherentModel(locals_, dnn, meta["dnn"]["input"]).eval()
-    return model, meta
-
-
-def check_compatible(meta: dict, manifest: dict, where: str) -> None:
-    if list(manifest["image_shape"]) != list(meta["image_shape"]):
-        raise UserError(f"{where}: images are {'x'.join(map(str, manifest['image_shape']))} but the model expects "
+def check_compatible(meta: dict, manifest, where: str) -> None:
+    if list(manifest.image_shape) != list(meta["image_shape"]):
+        raise UserError(f"{where}: images are {'x'.join(map(str, manifest.image_shape))} but the model expects "
                         f"{'x'.join(map(str, meta['image_shape']))}")
-    if len(manifest["classes"]) != len(meta["classes"]):
-        raise UserError(f"{where}: {len(manifest['classes'])} classes but the model was trained on "
-                        f"{len(meta['classes'])}")
-    if not manifest.get("full"):
+    if manifest.k != len(meta["classes"]):
+        raise UserError(f"{where}: {manifest.k} classes but the model was trained on {len(meta['classes'])}")
+    if not manifest.full:
         raise UserError(f"{where}: no full.h5 (prepared with --no-full); re-run data_prep without it")
 
 
@@ -75,8 +41,9 @@ def predict(model, meta: dict, data_dir: str, split: str, batch_size: int = 512)
     """(probabilities (n, K), labels (n,), sample ids (n,)) for a split of full images."""
     import torch
 
-    from .data import ShardReader, crop, load_manifest
+    from .data import ShardReader, crop, normalise
     from .decomposition import Decomposition
+    from .manifest import load_manifest
 
     manifest = load_manifest(data_dir)
     check_compatible(meta, manifest, data_dir)
@@ -86,10 +53,9 @@ def predict(model, meta: dict, data_dir: str, split: str, batch_size: int = 512)
     mean = torch.tensor(meta["mean"], dtype=torch.float32).view(view)
     std = torch.tensor(meta["std"], dtype=torch.float32).view(view)
     probs, labels, ids = [], [], []
-    with ShardReader(data_dir, None, manifest) as reader, torch.no_grad():
+    with ShardReader(manifest, None) as reader, torch.no_grad():
         for x, y, sid in reader.iter_chunks(split, batch_size):
-            x = crop(torch.from_numpy(x), manifest["margin"])
-            x = (x.to(torch.float32) * meta["scale"] - mean) / std
+            x = normalise(crop(torch.from_numpy(x), manifest.margin), meta["scale"], mean, std)
             probs.append(torch.softmax(model(deco.cut_all(x)), dim=-1).numpy())
             labels.append(y)
             ids.append(sid)
@@ -103,7 +69,9 @@ def main(argv=None) -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        model, meta = load_model(args.run)
+        from .export import read
+
+        model, meta = read(args.run)
         probs, y, ids = predict(model, meta, args.data, args.split, args.batch_size)
         pred = probs.argmax(1)
         acc = float((pred == y).mean())

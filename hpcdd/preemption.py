@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 
+from .collectives import Group
 from .errors import UserError
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed and stopped; continue with --resume RUN
@@ -56,16 +57,7 @@ class StopFlag:
         self.flag = True
         self.signum = signum
 
-    def _allreduce_max(self, value: bool, comm) -> bool:
-        if comm is None or comm.Get_size() == 1:
-            return value
-        from mpi4py import MPI
-
-        buf = np.array([1 if value else 0], dtype=np.int32)
-        comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.MAX)
-        return bool(buf[0])
-
-    def poll_independent(self, group=None) -> bool:
+    def poll_independent(self, group: Group = Group()) -> bool:
         """For ranks that do not train in lockstep: announce our flag, look for others' announcements."""
         if self.ctrl is not None:
             if self.flag and not self.announced:
@@ -77,11 +69,11 @@ class StopFlag:
             if not self.flag and self.ctrl.Iprobe(tag=_TAG):
                 self.flag = True
                 self.announced = True  # the sender told everyone
-        return self._allreduce_max(self.flag, group)
+        return group.any(self.flag)
 
     def poll_collective(self) -> bool:
         """For lockstep phases: one Allreduce per step; every rank stops after the same step."""
-        self.flag = self._allreduce_max(self.flag, self.world.comm)
+        self.flag = self.world.everyone.any(self.flag)
         return self.flag
 
     def agree(self) -> bool:

@@ -10,11 +10,8 @@ import os
 
 import numpy as np
 
-from . import __version__, checkpoint
-from .data import SPLITS, ShardReader, decomposition_of
-
-MODEL_FORMAT = "hpcdd-cnn-dnn"
-MODEL_VERSION = 1
+from . import __version__, checkpoint, export
+from .data import ShardReader
 
 
 def _maybe(path: str):
@@ -23,11 +20,11 @@ def _maybe(path: str):
 
 def collect(ctx) -> dict:
     """Everything the phases measured, as one dict (the body of results.json)."""
-    cfg, m = ctx.cfg, ctx.manifest
-    local = _maybe(ctx.path("local", "result.json"))
-    agg = _maybe(ctx.path("aggregate", "result.json"))
-    glob = _maybe(ctx.path("global", "result.json"))
-    coherent = {s: _maybe(ctx.path("coherent", s, "result.json")) for s in cfg.coherent.strategies}
+    cfg, m, layout = ctx.cfg, ctx.manifest, ctx.layout
+    local = _maybe(layout.result("local"))
+    agg = _maybe(layout.result("aggregate"))
+    glob = _maybe(layout.result("global"))
+    coherent = {s: _maybe(layout.result("coherent", s)) for s in cfg.coherent.strategies}
     rows = []
     local_params = sum(s["parameters"] for s in local["subdomains"]) if local else None
     local_wall = local["wall_seconds"] if local else None
@@ -59,8 +56,8 @@ def collect(ctx) -> dict:
     speedup = (glob["wall_seconds"] / decomposed) if glob and decomposed else None
     return {
         "tool": f"hpcdd {__version__}",
-        "dataset": m["dataset"], "grid": m["grid"], "overlap": m["overlap"], "image_shape": m["image_shape"],
-        "splits": m["splits"], "ranks": ctx.world.size, "threads_per_rank": ctx.world.threads,
+        "dataset": m.dataset, "grid": list(m.grid), "overlap": m.overlap, "image_shape": list(m.image_shape),
+        "splits": dict(m.splits), "ranks": ctx.world.size, "threads_per_rank": ctx.world.threads,
         "device": str(ctx.world.device), "model_family": cfg.model.family,
         "epochs": {"local": cfg.local.epochs, "dnn": cfg.dnn.epochs, "global": cfg.global_.epochs,
                    **{f"coherent_{s}": getattr(cfg.coherent, s).epochs for s in cfg.coherent.strategies}},
@@ -107,47 +104,6 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def choose_export(ctx, results: dict) -> tuple[str, str, str]:
-    """(method, local CNN directory, DNN file) of the best CNN-DNN on validation."""
-    options = []
-    for row in results["rows"]:
-        if row["method"] == "CNN-DNN":
-            options.append((row["val"], row["method"], ctx.path("local"), ctx.path("aggregate", "dnn.pt")))
-        elif row["method"].startswith("coherent"):
-            s = row["method"].split("(")[1].rstrip(")")
-            options.append((row["val"], row["method"], ctx.path("coherent", s), ctx.path("coherent", s, "dnn.pt")))
-    if not options:
-        return None
-    best = max(options, key=lambda o: o[0])
-    return best[1], best[2], best[3]
-
-
-def export_model(ctx, results: dict) -> str | None:
-    """RUN/model.pt: configuration and weights of the chosen CNN-DNN, for ``hpcdd.predict``."""
-    choice = choose_export(ctx, results)
-    if choice is None:
-        return None
-    method, local_dir, dnn_path = choice
-    m, cfg = ctx.manifest, ctx.cfg
-    locals_ = {f"sub_{i:03d}": checkpoint.load(os.path.join(local_dir, f"sub_{i:03d}.pt"))["model"]
-               for i in range(ctx.n)}
-    row = next(r for r in results["rows"] if r["method"] == method)
-    meta = {
-        "format": MODEL_FORMAT, "version": MODEL_VERSION, "tool": f"hpcdd {__version__}", "method": method,
-        "val_accuracy": row["val"], "test_accuracy": row["test"],
-        "classes": list(m["classes"]), "image_shape": list(m["image_shape"]), "grid": list(m["grid"]),
-        "overlap": m["overlap"], "boxes": m["boxes"], "mean": m["mean"], "std": m["std"], "scale": m["scale"],
-        "dtype": m["dtype"], "prep_id": m["prep_id"],
-        "model": {"family": cfg.model.family, "widths": list(cfg.model.widths),
-                  "convs_per_block": cfg.model.convs_per_block, "hidden": cfg.model.hidden,
-                  "dropout": cfg.model.dropout, "width_scale": ctx.width_scale},
-        "dnn": {"hidden": list(cfg.dnn.hidden), "dropout": cfg.dnn.dropout, "input": cfg.dnn.input},
-    }
-    path = ctx.path("model.pt")
-    checkpoint.save({"meta": meta, "local": locals_, "dnn": checkpoint.load(dnn_path)["model"]}, path)
-    return path
-
-
 def plots(ctx, results: dict) -> list[str]:
     """Test accuracy per method, training curves per phase, one image with the grid drawn on it."""
     try:
@@ -157,7 +113,7 @@ def plots(ctx, results: dict) -> list[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    out = ctx.path("plots")
+    out = ctx.layout.plots
     os.makedirs(out, exist_ok=True)
     written = []
     rows = results["rows"]
@@ -175,16 +131,16 @@ def plots(ctx, results: dict) -> list[str]:
     plt.close(fig)
 
     curves = []
-    local = _maybe(ctx.path("local", "result.json"))
+    local = _maybe(ctx.layout.result("local"))
     for s in (local or {}).get("subdomains", []):
-        ck = ctx.path("local", f"sub_{s['subdomain']:03d}.pt")
+        ck = ctx.layout.local_model(s["subdomain"])
         if os.path.exists(ck):
             curves.append((f"local {s['subdomain']}", checkpoint.load(ck)["summary"]["history"], "local"))
     for strategy in ctx.cfg.coherent.strategies:
-        res = _maybe(ctx.path("coherent", strategy, "result.json"))
+        res = _maybe(ctx.layout.result("coherent", strategy))
         if res:
             curves.append((f"coherent {strategy}", res["history"], "coherent"))
-    glob = _maybe(ctx.path("global", "result.json"))
+    glob = _maybe(ctx.layout.result("global"))
     if glob:
         curves.append(("global CNN", glob["history"], "global"))
     if curves:
@@ -204,10 +160,10 @@ def plots(ctx, results: dict) -> list[str]:
         plt.close(fig)
 
     m = ctx.manifest
-    if m.get("full"):
-        with ShardReader(ctx.cfg.data, None, m) as reader:
+    if m.full:
+        with ShardReader(m, None) as reader:
             x = reader._group("test")["x"][0]
-        mg = m["margin"]
+        mg = m.margin
         if mg:
             x = x[(Ellipsis,) + tuple(slice(mg, s - mg) for s in x.shape[1:])]
         if x.ndim == 4:
@@ -216,14 +172,14 @@ def plots(ctx, results: dict) -> list[str]:
         img = (img - img.min()) / max(float(img.max() - img.min()), 1e-9)
         fig, ax = plt.subplots(figsize=(4, 4))
         ax.imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray")
-        deco = decomposition_of(m)
-        for i, box in enumerate(m["boxes"]):
+        deco = m.decomposition()
+        for i, box in enumerate(m.boxes):
             (y0, y1), (x0, x1) = box[-2], box[-1]
             ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,
                                        color=plt.cm.tab10(i % 10), lw=1.5))
             if deco.dims == 2:
                 ax.text(x0 + 0.5, y0 + 1.5, str(i), color=plt.cm.tab10(i % 10), fontsize=8)
-        ax.set_title(f"{'x'.join(map(str, m['grid']))} decomposition, overlap {m['overlap']}")
+        ax.set_title(f"{'x'.join(map(str, m.grid))} decomposition, overlap {m.overlap}")
         ax.axis("off")
         fig.tight_layout()
         written.append(_save(fig, os.path.join(out, "decomposition.png")))
@@ -240,15 +196,11 @@ def _save(fig, path: str) -> str:
 
 def write_report(ctx) -> dict:
     results = collect(ctx)
-    exported = export_model(ctx, results)
-    results["exported_model"] = None if exported is None else {"path": "model.pt",
-                                                               "method": choose_export(ctx, results)[0]}
-    results["plots"] = [os.path.relpath(p, ctx.run_dir) for p in plots(ctx, results)]
-    checkpoint.write_json(results, ctx.path("results.json"))
+    exported = export.write(ctx, results["rows"])
+    results["exported_model"] = None if exported is None else {"path": "model.pt", "method": exported["method"]}
+    results["plots"] = [os.path.relpath(p, ctx.layout.root) for p in plots(ctx, results)]
+    checkpoint.write_json(results, ctx.layout.results_json)
     text = markdown(results)
-    checkpoint.write_text(text, ctx.path("results.md"))
+    checkpoint.write_text(text, ctx.layout.results_md)
     ctx.log(text)
     return results
-
-
-__all__ = ["write_report", "collect", "markdown", "export_model", "SPLITS"]

@@ -2,11 +2,18 @@
 
 This is what makes results independent of the rank count and lets a resumed run reproduce an
 uninterrupted one bit for bit: nothing depends on how far a stateful generator has advanced.
+Which trainings share which stream: docs/architecture.md, "Rules that keep ranks consistent".
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+# purposes mixed into seeds, so that no two random streams coincide (values are part of the results)
+TAG_INIT, TAG_ORDER, TAG_DROPOUT, TAG_SHIFT, TAG_DNN, TAG_COHERENT, TAG_GLOBAL = range(1, 8)
+STRATEGY_TAGS = {"scratch": 0, "transfer": 1}
 
 _M64 = (1 << 64) - 1
 
@@ -48,3 +55,58 @@ def per_sample_ints(key: int, ids: np.ndarray, low: int, high: int, columns: int
 def permutation(key: int, n: int) -> np.ndarray:
     """The minibatch order of one epoch: the same on every rank for the same key."""
     return np.random.default_rng(key).permutation(n)
+
+
+@dataclass(frozen=True)
+class Stream:
+    """The random streams of one training: minibatch order and shifts, and per-step dropout seeds.
+
+    ``order_key`` names the minibatch order and shift stream: the local CNNs and the global CNN
+    share the empty key (every CNN sees the same samples in the same order, a fair comparison);
+    the coherent strategies and the DNN have their own. ``key`` names the dropout stream and is
+    unique per trained model (e.g. ``(0, i)`` for local CNN ``i``).
+    """
+
+    seed: int
+    order_key: tuple = ()
+    key: tuple = ()
+
+    def batches(self, epoch: int, n: int, batch_size: int) -> list[np.ndarray]:
+        """Minibatches of one epoch: the same on every rank. A trailing batch of one sample is
+        dropped (batch normalisation cannot train on it)."""
+        order = permutation(mix(self.seed, TAG_ORDER, *self.order_key, epoch), n)
+        batches = [order[a:a + batch_size] for a in range(0, n, batch_size)]
+        if len(batches) > 1 and len(batches[-1]) < 2:
+            batches.pop()
+        return batches
+
+    def shifts(self, epoch: int, ids: np.ndarray, max_shift: int, dims: int) -> np.ndarray | None:
+        """Per-sample translation, a function of (seed, epoch, sample id) only: every subimage of a
+        sample moves the same way, whichever rank holds it."""
+        if max_shift <= 0:
+            return None
+        return per_sample_ints(mix(self.seed, TAG_SHIFT, *self.order_key, epoch), ids, -max_shift, max_shift, dims)
+
+    def step_counters(self, epoch: int, step: int, *more: int) -> tuple:
+        """The counters that seed the dropout of one step (``seed_torch(*counters)``)."""
+        return (self.seed, TAG_DROPOUT, *self.key, epoch, step, *more)
+
+
+def stream_of(seed: int, training: str, subdomain: int | None = None) -> Stream:
+    """The streams of a training: ``local`` (with its subdomain), ``global``, ``dnn``, ``coherent scratch``,
+    ``coherent transfer``. Every phase takes its streams from here."""
+    if training == "local":
+        return Stream(seed, (), (0, subdomain))
+    if training == "global":
+        return Stream(seed, (), (TAG_GLOBAL,))
+    if training == "dnn":
+        return Stream(seed, (TAG_DNN,), (TAG_DNN,))
+    tag = STRATEGY_TAGS[training.split()[1]]
+    return Stream(seed, (TAG_COHERENT, tag), (TAG_COHERENT, tag))
+
+
+def seed_torch(*counters: int) -> None:
+    """Seed the global torch generator (dropout) from counters, not from history."""
+    import torch
+
+    torch.manual_seed(mix(*counters))

@@ -10,7 +10,7 @@ import os
 import sys
 
 from .cli_util import OneLineParser
-from .config import PHASES, Config, build_config, dumps, load_toml, parse_override
+from .config import PHASES, Config, build_config, load_toml, parse_override, to_toml
 from .errors import EXIT_USER_ERROR, UserError
 
 
@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DATA", help="directory written by data_prep")
     p.add_argument("--out", metavar="RUN", help="run directory to create (must not exist)")
     p.add_argument("--phases", help=f"comma-separated subset of {','.join(PHASES)} (default: all)")
-    p.add_argument("--epochs", type=int, help="epochs of every CNN training phase (local, coherent, global)")
+    p.add_argument("--epochs", type=int, help="epochs of every CNN training phase (local, coherent, global); "
+                   "a specific key given with --set (e.g. --set coherent.transfer.epochs=5) wins over it")
     p.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: the GPU of the local rank if any")
     p.add_argument("--threads", type=int, help="torch threads per rank (default: cores per node / ranks per node)")
@@ -33,12 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under SLURM: after a preemption checkpoint, `scontrol requeue` the job so it resumes by itself")
     p.add_argument("--force", action="store_true", help="replace RUN if it exists")
     p.add_argument("--resume", metavar="RUN", help="continue the run in RUN where it stopped")
-    p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration as TOML (usable with --config) and exit")
     return p
 
 
 def resolve_config(args) -> Config:
-    """Defaults < TOML file < command line; with --resume, the run's own config.json."""
+    """Defaults < TOML file < command-line shorthands (--epochs) < command-line keys (--set, --seed, ...);
+    with --resume, the run's own config.json."""
     overrides = dict(parse_override(s) for s in args.set)
     for key in ("data", "out", "seed", "device", "threads", "phases"):
         value = getattr(args, key)
@@ -46,13 +49,15 @@ def resolve_config(args) -> Config:
             overrides[key] = value
     if args.requeue:
         overrides["preemption.requeue"] = "true"
+    shorthands = {}
     if args.epochs is not None:
-        for key in ("local.epochs", "global.epochs", "coherent.scratch.epochs", "coherent.transfer.epochs"):
-            overrides[key] = args.epochs
+        shorthands = {key: args.epochs for key in ("local.epochs", "global.epochs", "coherent.scratch.epochs",
+                                                   "coherent.transfer.epochs")}
     if args.resume:
         from .checkpoint import read_json
 
-        if args.config or args.force or set(overrides) - {"phases", "out", "threads", "preemption.requeue"}:
+        if args.config or args.force or shorthands or set(overrides) - {"phases", "out", "threads",
+                                                                         "preemption.requeue"}:
             raise UserError("--resume takes its configuration from RUN/config.json; give only --phases, --threads "
                             "or --requeue with it")
         if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
@@ -65,7 +70,9 @@ def resolve_config(args) -> Config:
         overrides["out"] = args.resume
         return build_config(saved, overrides, path)
     values = load_toml(args.config) if args.config else {}
-    cfg = build_config(values, overrides, args.config or "config")
+    cfg = build_config(values, overrides, args.config or "config", shorthands)
+    if args.print_config:
+        return cfg
     if not cfg.data:
         raise UserError("--data: missing; give the directory written by data_prep (or data = \"...\" in --config)")
     if not cfg.out:
@@ -74,7 +81,7 @@ def resolve_config(args) -> Config:
 
 
 def env_rank() -> int:
-    from .parallel import world_info
+    from .launcher import world_info
 
     return world_info(os.environ).rank
 
@@ -87,20 +94,21 @@ def main(argv=None) -> int:
         cfg = resolve_config(args)
         if args.print_config:
             if env_rank() == 0:
-                print(dumps(cfg))
+                print(to_toml(cfg), end="")
             return 0
-        from .parallel import init_world, start_death_watch
+        from .failures import start_death_watch
+        from .parallel import init_world
 
         start_death_watch(env_rank(), cfg.out)
         world = init_world(device=cfg.device, threads=cfg.threads or None)
-        world.extra["run_dir"] = cfg.out
+        world.run_dir = cfg.out
         from .runner import prepare, run_phases
 
         ctx = prepare(cfg, world, resume=bool(args.resume), force=args.force)
         run_phases(ctx)
         return 0
     except UserError as e:
-        from .parallel import user_error_exit
+        from .failures import user_error_exit
 
         collective = world is None or ctx is None
         if world is None:
@@ -111,12 +119,12 @@ def main(argv=None) -> int:
     except SystemExit:
         raise
     except BaseException as e:  # noqa: BLE001 - any failure on one rank must end every rank
-        from .parallel import report_failure
+        from .failures import report_failure
 
         report_failure(world, e)
     finally:
         if ctx is not None:
-            ctx.release()
+            ctx.data.release(everything=True)
     return 0
 
 

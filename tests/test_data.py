@@ -8,7 +8,8 @@ import h5py
 import numpy as np
 import pytest
 
-from hpcdd.data import ShardReader, SplitData, crop, load_manifest
+from hpcdd.data import ShardReader, SplitData, crop
+from hpcdd.manifest import load_manifest
 from hpcdd.errors import UserError
 from tests.conftest import prepare
 
@@ -23,19 +24,19 @@ def data(tmp_path, fashion_dir):
 def test_reader_validates_and_reads(data):
     m = load_manifest(str(data))
     for i in range(4):
-        with ShardReader(str(data), i, m) as r:
+        with ShardReader(m, i) as r:
             r.validate(deep=True)
             x, y, ids = r.read("train")
-            assert x.shape == (m["splits"]["train"],) + r.expected_shape()
-    with ShardReader(str(data), None, m) as r:
+            assert x.shape == (m.count("train"),) + r.expected_shape()
+    with ShardReader(m, None) as r:
         r.validate()
 
 
 def test_streaming_equals_in_memory(data):
     m = load_manifest(str(data))
-    r = ShardReader(str(data), 2, m)
+    r = ShardReader(m, 2)
     mem = SplitData.load(r, "train")
-    stream = SplitData.load(ShardReader(str(data), 2, m), "train", memory_limit=1)
+    stream = SplitData.load(ShardReader(m, 2), "train", memory_limit=1)
     assert mem.in_memory and not stream.in_memory
     rows = np.array([7, 3, 3, 100, 0, 55])
     shifts = np.array([[0, 0], [1, -2], [2, 2], [-1, 0], [0, 1], [-2, -2]])
@@ -49,14 +50,14 @@ def test_streaming_equals_in_memory(data):
 def test_shift_is_a_global_translation(data):
     """Shifted subimages are boxes of the translated full image: every subdomain moves alike."""
     m = load_manifest(str(data))
-    full = SplitData.load(ShardReader(str(data), None, m), "val")
+    full = SplitData.load(ShardReader(m, None), "val")
     rows = np.arange(5)
     shifts = np.array([[1, -2], [0, 0], [-2, 2], [2, 1], [-1, -1]])
     moved, _ = full.batch(rows, shifts)
     for i in range(4):
-        sub = SplitData.load(ShardReader(str(data), i, m), "val")
+        sub = SplitData.load(ShardReader(m, i), "val")
         xs, _ = sub.batch(rows, shifts)
-        (a, b), (c, e) = m["boxes"][i]
+        (a, b), (c, e) = m.boxes[i]
         np.testing.assert_allclose(xs.numpy(), moved[..., a:b, c:e].numpy())
 
 
@@ -77,7 +78,7 @@ def test_truncated_shard_is_a_user_error(data):
     m = load_manifest(str(data))
     _corrupt(data / "sub_001.h5")
     with pytest.raises(UserError, match="sub_001.h5"):
-        ShardReader(str(data), 1, m).validate()
+        ShardReader(m, 1).validate()
 
 
 def test_shards_from_another_preparation_are_refused(tmp_path, data, fashion_dir):
@@ -86,7 +87,7 @@ def test_shards_from_another_preparation_are_refused(tmp_path, data, fashion_dir
     shutil.copy(other / "sub_003.h5", data / "sub_003.h5")
     m = load_manifest(str(data))
     with pytest.raises(UserError, match="different data_prep runs"):
-        ShardReader(str(data), 3, m).validate()
+        ShardReader(m, 3).validate()
 
 
 def test_manifest_problems(tmp_path, data):
@@ -104,7 +105,7 @@ def test_missing_shard(data):
     m = load_manifest(str(data))
     os.unlink(data / "sub_000.h5")
     with pytest.raises(UserError, match="missing shard"):
-        ShardReader(str(data), 0, m).validate()
+        ShardReader(m, 0).validate()
 
 
 def test_nan_pixels_found_by_deep_validation(tmp_path):
@@ -121,29 +122,31 @@ def test_nan_pixels_found_by_deep_validation(tmp_path):
     with h5py.File(tmp_path / "o" / "sub_002.h5", "r+") as f:
         f["train"]["x"][3, 0, 1, 1] = np.nan
     m = load_manifest(str(tmp_path / "o"))
-    ShardReader(str(tmp_path / "o"), 2, m).validate(deep=False)
+    ShardReader(m, 2).validate(deep=False)
     with pytest.raises(UserError, match="NaN or Inf"):
-        ShardReader(str(tmp_path / "o"), 2, m).validate(deep=True)
+        ShardReader(m, 2).validate(deep=True)
 
 
 def test_training_on_streamed_shards_equals_in_memory(data):
     """A shard too large for memory is streamed; training on it gives the same weights."""
     import torch
 
-    from hpcdd.config import TrainConfig
-    from hpcdd.models import ModelSpec, build_model
+    from hpcdd.config import ModelConfig, TrainConfig
+    from hpcdd.models import build_model
+    from hpcdd.rng import stream_of
     from hpcdd.training import Fit, fit
 
     m = load_manifest(str(data))
     states = []
     for limit in (1 << 30, 1):
-        train = SplitData.load(ShardReader(str(data), 1, m), "train", memory_limit=limit)
-        val = SplitData.load(ShardReader(str(data), 1, m), "val", memory_limit=limit)
+        train = SplitData.load(ShardReader(m, 1), "train", memory_limit=limit)
+        val = SplitData.load(ShardReader(m, 1), "val", memory_limit=limit)
         assert train.in_memory == (limit > 1)
         torch.manual_seed(0)
-        model = build_model(ModelSpec(widths=(8, 16)), 1, (15, 15), 10, 1.0)
-        res = fit(model, Fit(train=train, val=val, t=TrainConfig(epochs=1, batch_size=32, augment_shift=2), seed=0,
-                             key=(0, 1), device=torch.device("cpu")))
-        states.append(res.best_state)
+        model = build_model(ModelConfig(widths=[8, 16]), 1, (15, 15), 10, 1.0)
+        res = fit(model, Fit(name="local subdomain 1", train=train, val=val,
+                             t=TrainConfig(epochs=1, batch_size=32, augment_shift=2), stream=stream_of(0, "local", 1),
+                             device=torch.device("cpu")))
+        states.append(res.best["model"])
     for k in states[0]:
         assert torch.equal(states[0][k], states[1][k]), k

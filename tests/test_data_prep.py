@@ -127,6 +127,17 @@ def test_imagefolder_png_jpeg_single_split(tmp_path, fashion_small):
     # PNG is lossless: a stored png image equals the source pixels after the same resize
     with h5py.File(tmp_path / "out" / "full.h5", "r") as f:
         assert f["train"]["x"].shape[1:] == (3, 32, 32)
+        stored = {int(i): x_ for i, x_ in zip(f["train"]["sample_id"][:], f["train"]["x"][:])}
+    files = sorted(str(p.relative_to(src)) for p in src.rglob("*.*"))
+    checked = 0
+    for sid, pixels in stored.items():
+        name = files[sid] if sid < len(files) else None
+        if name and name.endswith(".png"):
+            with Image.open(src / name) as im:
+                expected = np.asarray(im.convert("RGB").resize((32, 32), Image.BILINEAR)).transpose(2, 0, 1)
+            np.testing.assert_array_equal(pixels, expected, err_msg=name)
+            checked += 1
+    assert checked >= 10
 
 
 def test_imagefolder_presplit_grey(tmp_path, fashion_small):
@@ -261,29 +272,53 @@ def _bad_inputs(tmp, fashion_dir, x, y):
     return [(name, args if "--grid" in args else args + ["--grid", "2x2"]) for name, args in cases]
 
 
-def test_bad_inputs_one_line_exit_2_nothing_written(tmp_path, fashion_small):
-    x, y, _, _ = fashion_small
-    cases = _bad_inputs(tmp_path, None, x[:100], y[:100])
-    assert len(cases) >= 20
-    before = sorted(os.listdir(tmp_path))
-    for name, args in cases:
-        proc = prep(*args)
-        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-        assert proc.returncode == 2, f"{name}: exit {proc.returncode}\n{proc.stderr}"
-        assert len(lines) == 1 and lines[0].startswith("error: "), f"{name}: {proc.stderr!r}"
-        assert "Traceback" not in proc.stderr
-        assert sorted(os.listdir(tmp_path)) == before, f"{name}: something was written"
-    assert (tmp_path / "exists" / "keep.txt").read_text() == "user data"
+# every case: the fragment its one-line message must hold ({tmp}: the folder the inputs are in)
+BAD_INPUT_MESSAGES = {
+    "missing input": "INPUT {tmp}/nope: no such file or directory",
+    "truncated gzip": "trunc/train-images-idx3-ubyte.gz: corrupt or truncated gzip file",
+    "truncated idx": "short/train-images-idx3-ubyte: truncated or corrupt: header says shape (100, 28, 28)",
+    "corrupt idx": "corrupt/train-images-idx3-ubyte: not an IDX file (bad magic number)",
+    "count mismatch": "100 images but 93 labels",
+    "label out of range": "labels out of range: found 12, expected 0..9",
+    "non-integer labels": "float_labels.npz (y): labels must be integers",
+    "negative labels": "neg_labels.npz (y): labels out of range: found -1",
+    "images of different sizes": "ragged.npz: x holds images of different sizes",
+    "test images of another size": "testsize.npz: x_test images have shape (1, 20, 28) but x images (1, 28, 28)",
+    "npz without labels": "noy.npz: missing array 'y'",
+    "NaN pixels": "nan.npz: x contains NaN or Inf values",
+    "corrupt npz": "junk.npz: not a readable .npz file",
+    "grid too fine": "--grid 29x1: the image height 28 cannot be split into 29 parts",
+    "overlap too wide": "--overlap 7: must be smaller than the smallest subdomain height",
+    "3D grid on 2D images": "--grid 2x2x2 has 3 counts but the data are 2D images",
+    "malformed grid": "--grid 'four': expected NYxNX",
+    "bad val fraction": "--val-fraction 1.5: expected a fraction between 0 and 1",
+    "empty class folder": "folder/dog: empty class folder",
+    "undecodable image": "broken/b/bad.jpg: cannot decode image",
+    "corrupt cifar pickle": "cifar/batches.meta: corrupt or truncated pickle",
+    "unknown source": "invalid choice: 'tfrecord'",
+    "output exists": "{tmp}/exists: already exists",
+}
 
 
-def test_messages_name_the_problem(tmp_path, fashion_small):
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, fashion_small):
     x, y, _, _ = fashion_small
-    cases = dict((n, a) for n, a in _bad_inputs(tmp_path, None, x[:100], y[:100]))
-    expect = {"count mismatch": "100 images but 93 labels", "label out of range": "expected 0..9",
-              "grid too fine": "height 28 cannot be split into 29", "empty class folder": "dog: empty class folder",
-              "output exists": "already exists", "unknown source": "invalid choice: 'tfrecord'",
-              "truncated idx": "truncated", "non-integer labels": "must be integers",
-              "images of different sizes": "different sizes", "overlap too wide": "--overlap 7"}
-    for name, needle in expect.items():
-        proc = prep(*cases[name])
-        assert needle in proc.stderr, f"{name}: {proc.stderr!r}"
+    tmp = tmp_path_factory.mktemp("bad")
+    return tmp, dict(_bad_inputs(tmp, None, x[:100], y[:100]))
+
+
+def test_every_bad_input_has_a_message_check(bad_inputs):
+    assert set(bad_inputs[1]) == set(BAD_INPUT_MESSAGES)
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUT_MESSAGES))
+def test_bad_input_one_line_exit_2_nothing_written(bad_inputs, name):
+    tmp, cases = bad_inputs
+    before = sorted(os.listdir(tmp))
+    proc = prep(*cases[name])
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, f"{name}: exit {proc.returncode}\n{proc.stderr}"
+    assert len(lines) == 1 and lines[0].startswith("error: "), f"{name}: {proc.stderr!r}"
+    assert BAD_INPUT_MESSAGES[name].format(tmp=tmp) in lines[0], lines[0]
+    assert sorted(os.listdir(tmp)) == before, f"{name}: something was written"
+    assert (tmp / "exists" / "keep.txt").read_text() == "user data"

@@ -3,7 +3,8 @@
 import pytest
 
 from hpcdd.errors import UserError
-from hpcdd.parallel import WorldInfo, check_slurm_size, ownership, slice_rows, slurm_tasks_on_node, world_info
+from hpcdd.launcher import WorldInfo, check_slurm_size, slurm_tasks_on_node, world_info
+from hpcdd.ownership import ownership, slice_rows
 
 
 def test_slurm_environment():

@@ -67,6 +67,16 @@ def strip(obj):
     return obj
 
 
+def resumes(run):
+    """The resume events of a run's metrics.jsonl: (phase, subdomain or strategy, epoch, step)."""
+    out = []
+    for line in open(os.path.join(run, "metrics.jsonl")):
+        e = json.loads(line)
+        if e.get("event") == "resume":
+            out.append((e["phase"], e.get("subdomain", e.get("strategy", e.get("model"))), e["epoch"], e["step"]))
+    return out
+
+
 def assert_identical(a, b):
     assert strip(json.load(open(os.path.join(a, "results.json")))) == strip(json.load(open(os.path.join(b, "results.json"))))
     files = sorted(os.path.relpath(p, b) for p in glob.glob(os.path.join(b, "**", "*.pt"), recursive=True))
@@ -111,16 +121,25 @@ def test_sigkill_at_several_points_then_resume_is_bit_identical(small_data, refe
     proc = start(["--data", small_data, "--out", run, *CFG])
     wait_for(proc, lambda: glob.glob(os.path.join(run, "local", "sub_*.ckpt.pt")))
     kill_all(proc)
+    saved = {int(os.path.basename(p)[4:7]): torch.load(p, weights_only=True)["state"]
+             for p in glob.glob(os.path.join(run, "local", "sub_*.ckpt.pt"))}
     # 2. between phases: local and aggregate complete
     proc = start(["--resume", run])
     wait_for(proc, lambda: {"local", "aggregate"} <= phases_done())
     kill_all(proc)
+    local_resumes = {r[1]: (r[2], r[3]) for r in resumes(run) if r[0] == "local"}
+    assert local_resumes and set(local_resumes) <= set(saved), (local_resumes, saved)
+    for i, point in local_resumes.items():  # resumed where the checkpoint left off, not from scratch
+        assert point[0] >= 1 and point[0] >= saved[i]["epoch"], (i, point, saved[i]["epoch"])
     # 3. mid coherent phase: after an epoch checkpoint of the scratch strategy
     proc = start(["--resume", run])
-    wait_for(proc, lambda: glob.glob(os.path.join(run, "coherent", "scratch", "rank_*.ckpt.pt")))
+    ckpts = [os.path.join(run, "coherent", "scratch", f"rank_{r:04d}.ckpt.pt") for r in (0, 1)]
+    wait_for(proc, lambda: all(os.path.exists(c) for c in ckpts))
     kill_all(proc)
+    epoch = min(torch.load(c, weights_only=True)["state"]["epoch"] for c in ckpts)
     code, out, err = finish(start(["--resume", run]))
     assert code == 0, err[-3000:]
+    assert ("coherent", "scratch", epoch, 0) in resumes(run), resumes(run)
     assert_identical(reference, run)
 
 
@@ -134,6 +153,9 @@ def test_sigusr1_to_one_rank_checkpoints_all_and_resumes_identically(small_data,
     assert code == 75, err[-3000:]
     assert "stopped on a signal" in out
     assert json.load(open(os.path.join(run, "state.json")))["preempted"]["phase"] == "local"
+    stopped = {int(os.path.basename(p)[4:7]): torch.load(p, weights_only=True)["state"]
+               for p in glob.glob(os.path.join(run, "local", "sub_*.ckpt.pt"))}
+    assert stopped and any(s["step"] > 0 for s in stopped.values()), stopped  # stopped mid-epoch
     # in the coherent phase (lockstep): every rank checkpoints after the same step
     proc = start(["--resume", run])
     ckpts = [os.path.join(run, "coherent", "scratch", f"rank_{r:04d}.ckpt.pt") for r in (0, 1)]
@@ -141,11 +163,15 @@ def test_sigusr1_to_one_rank_checkpoints_all_and_resumes_identically(small_data,
     os.kill(rank_pids(run)[0], signal.SIGUSR1)
     code, out, err = finish(proc, 120)
     assert code == 75, err[-3000:]
-    steps = [(c["epoch"], c["step"]) for c in (torch.load(p, weights_only=True) for p in ckpts)]
+    steps = [(c["state"]["epoch"], c["state"]["step"]) for c in (torch.load(p, weights_only=True) for p in ckpts)]
     assert steps[0] == steps[1], steps
     code, out, err = finish(start(["--resume", run]))
     assert code == 0, err[-3000:]
     assert "preempted" not in json.load(open(os.path.join(run, "state.json")))
+    seen = resumes(run)
+    for i, s in stopped.items():
+        assert ("local", i, s["epoch"], s["step"]) in seen, (i, s, seen)
+    assert ("coherent", "scratch", *steps[0]) in seen, (steps, seen)
     assert_identical(reference, run)
 
 
@@ -178,3 +204,29 @@ def test_sigkilled_rank_ends_the_job_quickly(small_data, tmp_path):
     report = open(os.path.join(run, "FAILED")).read()
     assert report.startswith(f"hpcdd: rank 2 (pid {rank_pids(run)[2]} ") and "killed by a signal" in report, report
     assert "rank 2" in out + err, (out + err)[-2000:]
+
+
+def test_signal_to_a_waiting_rank_stops_dnn_training_and_resumes_identically(small_data, tmp_path):
+    """Rank 0 trains the DNN alone while rank 1 waits: a SIGUSR1 to rank 1 still stops rank 0 at its
+    next step (after a checkpoint), and the resumed run equals an uninterrupted one."""
+    long_dnn = [*CFG, "--phases", "local,aggregate,report", "--set", "dnn.epochs=300"]
+    ref = str(tmp_path / "ref")
+    require_ok(run_python(["-m", "hpcdd.run", "--data", small_data, "--out", ref, *long_dnn], ranks=2, timeout=600))
+    run = str(tmp_path / "run")
+    proc = start(["--data", small_data, "--out", run, *long_dnn])
+    ckpt = os.path.join(run, "aggregate", "dnn.ckpt.pt")
+    wait_for(proc, lambda: os.path.exists(ckpt) and rank_pids(run))
+    os.kill(rank_pids(run)[1], signal.SIGUSR1)
+    code, out, err = finish(proc, 120)
+    assert code == 75, err[-3000:]
+    assert json.load(open(os.path.join(run, "state.json")))["preempted"]["phase"] == "aggregate"
+    stopped = torch.load(ckpt, weights_only=True)["state"]
+    assert 1 <= stopped["epoch"] < 300 and (stopped["epoch"], stopped["step"]) != (300, 0), stopped
+    code, out, err = finish(start(["--resume", run]))
+    assert code == 0, err[-3000:]
+    assert ("aggregate", "dnn", stopped["epoch"], stopped["step"]) in resumes(run), resumes(run)
+    assert strip(json.load(open(os.path.join(ref, "aggregate", "result.json")))) == \
+        strip(json.load(open(os.path.join(run, "aggregate", "result.json"))))
+    a = torch.load(os.path.join(ref, "aggregate", "dnn.pt"), weights_only=True)["model"]
+    b = torch.load(os.path.join(run, "aggregate", "dnn.pt"), weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tomllib
 
 import h5py
 import numpy as np
@@ -62,6 +63,11 @@ def corpus(small_data, tmp_path_factory, fashion_dir):
         f.attrs["grid"] = [4, 4]
     d["manifest"] = copy("manifest")
     (d["manifest"] / "manifest.json").write_text("{ truncated")
+    good_manifest = json.load(open(os.path.join(small_data, "manifest.json")))
+    for name, key, value in (("std0", "std", [0.0]), ("mean_nan", "mean", [float("nan")]), ("grid_text", "grid", "2x2"),
+                             ("scale_text", "scale", "1/255"), ("classes_one", "classes", ["all"])):
+        d[name] = copy(name)
+        (d[name] / "manifest.json").write_text(json.dumps(dict(good_manifest, **{key: value})))
     from data_prep.sources import read_idx
 
     x = read_idx(f"{fashion_dir}/train-images-idx3-ubyte.gz")[:300].astype(np.float32) / 255
@@ -77,7 +83,7 @@ def corpus(small_data, tmp_path_factory, fashion_dir):
     run_dir = base / "existing_run"
     proc = hpcdd_run("--data", small_data, "--out", run_dir, "--print-config")
     run_dir.mkdir()
-    cfg = json.loads(proc.stdout)
+    cfg = tomllib.loads(proc.stdout)
     cfg["meta"] = {"prep_id": json.load(open(os.path.join(small_data, "manifest.json")))["prep_id"]}
     (run_dir / "config.json").write_text(json.dumps(cfg))
     (run_dir / "state.json").write_text(json.dumps({"phases": {}}))
@@ -103,7 +109,9 @@ CASES = [
     # (name, args (with {good}, {run}, {new}, ... placeholders), expected fragment, ranks)
     ("unknown key", ["--set", "local.epoch=3"], "did you mean 'local.epochs'", None),
     ("unknown top-level key", ["--set", "lr=0.1"], "unknown config key 'lr'", None),
-    ("wrong type", ["--set", "local.epochs=three"], "local.epochs = 'three': expected int", None),
+    ("wrong type", ["--set", "local.epochs=three"], "local.epochs = 'three': expected an integer", None),
+    ("infinite learning rate", ["--set", "local.lr=inf"], "local.lr = 'inf': expected a finite number", None),
+    ("dnn optimizer", ["--set", "dnn.optimizer=rmsprop"], "dnn.optimizer = 'rmsprop': expected sgd, adam or adamw", None),
     ("zero epochs", ["--epochs", "0"], "expected a positive number of epochs", None),
     ("zero batch size", ["--set", "local.batch_size=0"], "expected a positive batch size", None),
     ("negative learning rate", ["--set", "global.lr=-0.1"], "expected a positive learning rate", None),
@@ -128,6 +136,11 @@ CASES = [
     ("labels out of range", ["--data", "{labels}"], "train labels outside 0..9", 2),
     ("grid mismatch", ["--data", "{grid}"], "attribute grid is [4, 4] but the manifest says [2, 2]", None),
     ("corrupt manifest", ["--data", "{manifest}"], "manifest.json: corrupt JSON", None),
+    ("manifest zero std", ["--data", "{std0}"], "manifest.json: std = [0.0]: expected a list of positive finite", 2),
+    ("manifest NaN mean", ["--data", "{mean_nan}"], "manifest.json: mean = [NaN]: expected a list of finite numbers", 2),
+    ("manifest grid of wrong type", ["--data", "{grid_text}"], 'manifest.json: grid = "2x2": expected 2 or 3', 2),
+    ("manifest scale of wrong type", ["--data", "{scale_text}"], 'manifest.json: scale = "1/255": expected a positive', 2),
+    ("manifest of one class", ["--data", "{classes_one}"], 'manifest.json: classes = ["all"]: expected a list of', 2),
     ("inf pixels", ["--data", "{nan}"], "contains NaN or Inf pixels", 2),
     ("run exists", ["--out", "{run}"], "already exists", 2),
     ("out not writable", ["--out", "/proc/hpcdd-run"], "cannot write in /proc", None),
@@ -160,7 +173,7 @@ def test_disk_too_full_is_refused(small_data, tmp_path, monkeypatch):
     import shutil as sh
 
     from hpcdd.config import build_config
-    from hpcdd.data import load_manifest
+    from hpcdd.manifest import load_manifest
     from hpcdd.errors import UserError
     from hpcdd.runner import check_disk
 

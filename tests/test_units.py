@@ -8,22 +8,22 @@ import torch
 
 from hpcdd import rng
 from hpcdd.aggregators import DNN, average, vote
-from hpcdd.config import build_config, load_toml
+from hpcdd.config import ModelConfig, build_config, load_toml
 from hpcdd.errors import UserError
-from hpcdd.models import ModelSpec, build_model, count_parameters, default_width_scale
+from hpcdd.models import build_model, count_parameters, default_width_scale
 
 
 @pytest.mark.parametrize("family,spatial", [("vgg", (15, 15)), ("vgg", (7, 9)), ("resnet20", (16, 16)),
                                             ("resnet32", (8, 8)), ("resnet18", (64, 64)), ("vgg", (6, 8, 8)),
                                             ("resnet20", (4, 8, 8))])
 def test_families_forward(family, spatial):
-    model = build_model(ModelSpec(family=family), 3, spatial, 7, 0.5)
+    model = build_model(ModelConfig(family=family), 3, spatial, 7, 0.5)
     out = model(torch.randn(4, 3, *spatial))
     assert out.shape == (4, 7)
 
 
 def test_local_models_are_proportionally_smaller():
-    spec = ModelSpec()
+    spec = ModelConfig()
     glob = count_parameters(build_model(spec, 1, (28, 28), 10, 1.0))
     for n in (4, 16):
         local = count_parameters(build_model(spec, 1, (28 // int(math.sqrt(n)),) * 2, 10, default_width_scale(n)))
@@ -33,13 +33,13 @@ def test_local_models_are_proportionally_smaller():
 def test_resnet18_matches_torchvision_parameter_count():
     import torchvision
 
-    ours = count_parameters(build_model(ModelSpec(family="resnet18"), 3, (224, 224), 1000, 1.0))
+    ours = count_parameters(build_model(ModelConfig(family="resnet18"), 3, (224, 224), 1000, 1.0))
     assert ours == count_parameters(torchvision.models.resnet18(num_classes=1000))
 
 
 def test_resnet18_refuses_small_inputs():
     with pytest.raises(UserError, match="at least 32 pixels"):
-        build_model(ModelSpec(family="resnet18"), 3, (16, 16), 10)
+        build_model(ModelConfig(family="resnet18"), 3, (16, 16), 10)
 
 
 def test_average_and_vote():
@@ -55,25 +55,62 @@ def test_dnn_shapes():
     assert dnn(torch.rand(5, 4, 10)).shape == (5, 10)
 
 
-def test_config_merge_and_errors(tmp_path):
+def test_config_merge(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text('seed = 3\n[local]\nepochs = 7\n[coherent.transfer]\nlr = 0.01\n[global]\nbatch_size = 64\n')
     cfg = build_config(load_toml(str(toml)), {"local.epochs": "9", "data": "d", "out": "o"})
     assert (cfg.seed, cfg.local.epochs, cfg.coherent.transfer.lr, cfg.global_.batch_size) == (3, 9, 0.01, 64)
-    bad = [({"local.epoch": "3"}, "did you mean 'local.epochs'"), ({"local.epochs": "0"}, "positive number of epochs"),
-           ({"global.batch_size": "-1"}, "positive batch size"), ({"local.epochs": "three"}, "expected int"),
-           ({"model.family": "alexnet"}, "expected one of vgg"), ({"phases": "local,trainall"}, "unknown phase"),
-           ({"dnn.input": "softmax"}, "probs or logits"), ({"coherent.strategies": "both"}, "unknown strategy"),
-           ({"lr": "0.1"}, "did you mean"), ({"local.lr": "-1"}, "positive learning rate")]
-    for override, needle in bad:
-        with pytest.raises(UserError, match=needle.replace("(", r"\(")):
-            build_config({}, override)
+
+
+BAD_CONFIG = [({"local.epoch": "3"}, "did you mean 'local.epochs'"), ({"local.epochs": "0"}, "positive number of epochs"),
+              ({"global.batch_size": "-1"}, "positive batch size"), ({"local.epochs": "three"}, "expected an integer"),
+              ({"model.family": "alexnet"}, "expected one of vgg"), ({"phases": "local,trainall"}, "unknown phase"),
+              ({"dnn.input": "softmax"}, "probs or logits"), ({"coherent.strategies": "both"}, "unknown strategy"),
+              ({"lr": "0.1"}, "did you mean"), ({"local.lr": "-1"}, "positive learning rate"),
+              ({"local.lr": "inf"}, "local.lr = 'inf': expected a finite number"),
+              ({"dnn.lr": "nan"}, "dnn.lr = 'nan': expected a finite number"),
+              ({"dnn.optimizer": "rmsprop"}, "dnn.optimizer = 'rmsprop': expected sgd, adam or adamw"),
+              ({"memory_limit_gb": "1e400"}, "memory_limit_gb = '1e400': expected a finite number")]
+
+
+@pytest.mark.parametrize("override,needle", BAD_CONFIG, ids=[next(iter(o)) + "=" + next(iter(o.values()))
+                                                            for o, _ in BAD_CONFIG])
+def test_bad_config_values(override, needle):
+    with pytest.raises(UserError, match=needle.replace("(", r"\(")):
+        build_config({}, override)
+
+
+def test_bad_config_files(tmp_path):
+    toml = tmp_path / "c.toml"
     toml.write_text("[local]\nepochs = 'five'\n")
     with pytest.raises(UserError, match="c.toml: local.epochs = 'five'"):
         build_config(load_toml(str(toml)), {}, str(toml))
     toml.write_text("[local\n")
     with pytest.raises(UserError, match="invalid TOML"):
         load_toml(str(toml))
+
+
+@pytest.mark.parametrize("argv", [["--epochs", "10", "--set", "coherent.transfer.epochs=5"],
+                                  ["--set", "coherent.transfer.epochs=5", "--epochs", "10"]])
+def test_specific_key_wins_over_epochs_shorthand(argv):
+    from hpcdd.run import build_parser, resolve_config
+
+    cfg = resolve_config(build_parser().parse_args(["--data", "d", "--out", "o", *argv]))
+    assert (cfg.local.epochs, cfg.global_.epochs, cfg.coherent.scratch.epochs, cfg.coherent.transfer.epochs) == \
+        (10, 10, 10, 5)
+
+
+def test_print_config_is_toml_that_round_trips(tmp_path):
+    from tests.conftest import run_python
+
+    proc = run_python(["-m", "hpcdd.run", "--print-config", "--set", "dnn.hidden=32,16", "--epochs", "2",
+                       "--set", "coherent.strategies=scratch"])
+    assert proc.returncode == 0, proc.stderr
+    (tmp_path / "run.toml").write_text(proc.stdout)
+    again = run_python(["-m", "hpcdd.run", "--print-config", "--config", str(tmp_path / "run.toml")])
+    assert again.returncode == 0 and again.stdout == proc.stdout, again.stderr
+    cfg = build_config(load_toml(str(tmp_path / "run.toml")), {})
+    assert cfg.dnn.hidden == [32, 16] and cfg.local.epochs == 2 and cfg.coherent.strategies == ["scratch"]
 
 
 def test_counter_based_randomness():
@@ -83,3 +120,28 @@ def test_counter_based_randomness():
     assert a.min() == -2 and a.max() == 2 and abs(a.mean()) < 0.2
     assert rng.mix(1, 2) != rng.mix(2, 1)
     np.testing.assert_array_equal(rng.permutation(5, 10), rng.permutation(5, 10))
+
+
+def test_no_two_trainings_share_a_random_stream():
+    """Every training's minibatch-order, shift and dropout streams differ from every other training's, at
+    the same seed and across seeds (the coherent strategies once shared streams at seeds s and s+1). The one
+    shared stream is by design: the local CNNs and the global CNN see the same minibatch order."""
+    from hpcdd.rng import stream_of
+
+    def trainings(seed):
+        for name in ("global", "dnn", "coherent scratch", "coherent transfer"):
+            yield name, stream_of(seed, name)
+        for i in range(16):
+            yield f"local {i}", stream_of(seed, "local", i)
+
+    orders, dropouts, shifts = {}, {}, {}
+    for seed in range(40):
+        for name, s in trainings(seed):
+            order_owner = "local/global" if s.order_key == () else name
+            for epoch in range(3):
+                key = tuple(s.batches(epoch, 64, 64)[0][:12])
+                assert orders.setdefault(key, (seed, order_owner, epoch)) == (seed, order_owner, epoch), (seed, name)
+                shift = tuple(s.shifts(epoch, np.arange(32), 3, 2).reshape(-1))
+                assert shifts.setdefault(shift, (seed, order_owner, epoch)) == (seed, order_owner, epoch), (seed, name)
+                counters = rng.mix(*s.step_counters(epoch, 0, 0))
+                assert dropouts.setdefault(counters, (seed, name, epoch)) == (seed, name, epoch), (seed, name)

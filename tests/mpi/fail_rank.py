@@ -4,10 +4,11 @@ import os
 import sys
 import time
 
-from hpcdd import phases, run
+from hpcdd import run
+from hpcdd.phases import local
 
 fail_rank = int(os.environ["FAIL_RANK"])
-original = phases.PHASE_FUNCTIONS["local"]
+original = local.run
 
 
 def failing_local(ctx):
@@ -17,5 +18,5 @@ def failing_local(ctx):
     original(ctx)
 
 
-phases.PHASE_FUNCTIONS["local"] = failing_local
+local.run = failing_local
 sys.exit(run.main(sys.argv[1:]))

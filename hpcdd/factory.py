@@ -1,0 +1,64 @@
+"""Building what a phase trains on: the models of a run (seeded per subdomain) and its data splits.
+
+Tests and benchmarks use these directly: ``Models(cfg.model, cfg.dnn, manifest, seed)`` gives the
+same local CNN ``i`` that any rank of a run builds, without a run directory or MPI.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import rng
+from .aggregators import DNN
+from .data import ShardReader, SplitData
+from .manifest import Manifest
+from .models import build_model, default_width_scale
+
+
+class Models:
+    """Local CNN ``i``, the global CNN and the DNN, each initialised from (seed, its own tag)."""
+
+    def __init__(self, model_cfg, dnn_cfg, manifest: Manifest, seed: int, device="cpu"):
+        self.spec = model_cfg
+        self.dnn_cfg = dnn_cfg
+        self.manifest = manifest
+        self.seed = seed
+        self.device = device
+        self.width_scale = model_cfg.local_width_scale or default_width_scale(manifest.n)
+
+    def local(self, i: int) -> torch.nn.Module:
+        m = self.manifest
+        torch.manual_seed(rng.mix(self.seed, rng.TAG_INIT, i))
+        return build_model(self.spec, m.channels, m.subimage_shape(i), m.k, self.width_scale).to(self.device)
+
+    def global_(self) -> torch.nn.Module:
+        m = self.manifest
+        torch.manual_seed(rng.mix(self.seed, rng.TAG_INIT, rng.TAG_GLOBAL))
+        return build_model(self.spec, m.channels, m.spatial, m.k, 1.0).to(self.device)
+
+    def dnn(self) -> DNN:
+        torch.manual_seed(rng.mix(self.seed, rng.TAG_INIT, rng.TAG_DNN))
+        d = self.dnn_cfg
+        return DNN(self.manifest.n, self.manifest.k, tuple(d.hidden), d.dropout).to(self.device)
+
+
+class DataCache:
+    """Splits of shards (``index`` None: full.h5), each loaded once per process and released on demand."""
+
+    def __init__(self, manifest: Manifest, memory_limit_gb: float, device="cpu", on_device: bool = True):
+        self.manifest = manifest
+        self.memory_limit = int(memory_limit_gb * (1 << 30))
+        self.device = device
+        self.on_device = on_device
+        self._data: dict = {}
+
+    def __call__(self, index: int | None, split: str) -> SplitData:
+        key = (index, split)
+        if key not in self._data:
+            data = SplitData.load(ShardReader(self.manifest, index), split, self.memory_limit)
+            self._data[key] = data.to_device(self.device) if self.on_device else data
+        return self._data[key]
+
+    def release(self, index: int | None = None, everything: bool = False) -> None:
+        for key in [k for k in self._data if everything or k[0] == index]:
+            self._data.pop(key).reader.close()

@@ -1,0 +1,137 @@
+"""Aggregate phase: the coarse problem. Local outputs (n, N, K) are gathered at rank 0 (Gatherv),
+which trains the DNN on them and scores it against average probability and majority vote; the DNN
+weights are then broadcast (Bcast) to every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+
+from .. import checkpoint
+from ..aggregators import accuracy, average, vote
+from ..coherent import dnn_view
+from ..collectives import bcast_array, gather_rows
+from ..data import TensorData
+from ..manifest import SPLITS
+from ..models import count_parameters
+from ..rng import stream_of
+from ..training import Fit, fit, logits_of
+
+
+def gather_at_root(ctx, split: str, compute) -> np.ndarray | None:
+    """(n, N, K) outputs of every subdomain on a split, at rank 0 (None elsewhere).
+
+    ``compute()`` gives this rank's (n_owned, n, K) block; only the first replica of a subdomain
+    computes it, the others send nothing. Ownership blocks are contiguous and in rank order, so the
+    rows arrive in subdomain order.
+    """
+    n = ctx.manifest.count(split)
+    mine = compute() if ctx.world.own.replica == 0 else np.zeros((0, n, ctx.manifest.k), np.float32)
+    full = gather_rows(ctx.world.comm, mine)
+    return None if full is None else np.ascontiguousarray(full.transpose(1, 0, 2))
+
+
+def load_local_models(ctx, path_of) -> dict:
+    """This rank's local CNNs with the weights in ``path_of(i)``."""
+    models = {}
+    for i in ctx.world.own.subdomains:
+        model = ctx.models.local(i)
+        model.load_state_dict(checkpoint.load(path_of(i))["model"])
+        models[i] = model
+    return models
+
+
+def labels_of(ctx, split: str) -> torch.Tensor:
+    return ctx.data(ctx.world.own.subdomains[0], split).y
+
+
+def on_root(ctx, work):
+    """``work()`` on rank 0 while the other ranks wait without spinning; a stop on any rank during
+    it stops every rank (rank 0 checkpoints first). Returns rank 0's result there, None elsewhere."""
+    from ..preemption import Preempted
+
+    result, stopped = None, False
+    if ctx.world.is_root:
+        try:
+            result = work()
+        except Preempted:
+            stopped = True
+    forward = None if ctx.world.is_root or ctx.stop is None else ctx.stop.poll_independent  # a signal here reaches rank 0
+    ctx.world.everyone.idle_barrier(while_waiting=forward)
+    if ctx.world.bcast_obj(stopped):
+        raise Preempted()
+    return result
+
+
+def train_dnn(ctx, feats: dict, labels: dict):
+    """Rank 0: the DNN trained by the engine on the local outputs, selected on validation."""
+    model = ctx.models.dnn()
+    state = fit(model, Fit(
+        name="DNN", train=TensorData(feats["train"].to(ctx.device), labels["train"]),
+        val=TensorData(feats["val"].to(ctx.device), labels["val"]), t=ctx.cfg.dnn,
+        stream=stream_of(ctx.cfg.seed, "dnn"), device=ctx.device, eval_batch=ctx.cfg.eval_batch_size,
+        checkpoint=ctx.layout.dnn_checkpoint, on_epoch=lambda e: ctx.event(phase="aggregate", model="dnn", **e),
+        on_resume=ctx.resume_logger("aggregate", model="dnn"), stop=ctx.stop_alone()))
+    return state.best["model"], {"best_val": state.best_val, "best_epoch": state.best_epoch,
+                                 "train_seconds": state.seconds, "parameters": count_parameters(model)}
+
+
+def run(ctx) -> None:
+    t0 = time.perf_counter()
+    layout, m = ctx.layout, ctx.manifest
+    os.makedirs(layout.phase_dir("aggregate"), exist_ok=True)
+    models = load_local_models(ctx, layout.local_model)
+    logits = {split: gather_at_root(ctx, split, lambda: np.stack([
+        logits_of(models[i], ctx.data(i, split), ctx.device, ctx.cfg.eval_batch_size)
+        for i in ctx.world.own.subdomains])) for split in SPLITS}
+    kind = ctx.cfg.dnn.input
+    if ctx.world.is_root:
+        labels = {s: labels_of(ctx, s) for s in SPLITS}
+        feats = {s: dnn_view(torch.from_numpy(logits[s]), kind) for s in SPLITS}
+    trained = on_root(ctx, lambda: train_dnn(ctx, feats, labels))
+    dnn = ctx.models.dnn()
+    flat = bcast_array(ctx.world.comm, None if trained is None else flatten_state(trained[0]))
+    dnn.load_state_dict(unflatten_state(dnn.state_dict(), flat))
+    if ctx.world.is_root:
+        info = trained[1]
+        dnn.eval()
+        results = {"methods": {}, "local": [{"subdomain": i} for i in range(m.n)]}
+        for s in SPLITS:
+            probs = torch.softmax(torch.from_numpy(logits[s]), dim=-1).numpy()
+            y = labels[s].numpy()
+            checkpoint.save_npz(layout.probs(s), probs=probs, logits=logits[s], y=y)
+            with torch.no_grad():
+                pred_dnn = dnn(feats[s].to(ctx.device)).argmax(1).cpu().numpy()
+            for name, pred in (("dnn", pred_dnn), ("average", average(probs)), ("vote", vote(probs))):
+                results["methods"].setdefault(name, {})[s] = accuracy(pred, y)
+            for i in range(m.n):
+                results["local"][i][s] = accuracy(probs[:, i].argmax(1), y)
+        info["wall_seconds"] = time.perf_counter() - t0
+        results["dnn"] = info
+        checkpoint.save({"model": dnn.state_dict(), "input": kind, "hidden": list(ctx.cfg.dnn.hidden),
+                         "info": info}, layout.dnn)
+        checkpoint.write_json(results, layout.result("aggregate"))
+        if os.path.exists(layout.dnn_checkpoint):
+            os.unlink(layout.dnn_checkpoint)
+        r = results
+        ctx.log(f"[aggregate] test accuracy: dnn {r['methods']['dnn']['test']:.4f}, average "
+                f"{r['methods']['average']['test']:.4f}, vote {r['methods']['vote']['test']:.4f}; local CNNs "
+                f"{min(x['test'] for x in r['local']):.4f}..{max(x['test'] for x in r['local']):.4f}")
+    ctx.sync()
+    ctx.mark_done("aggregate")
+
+
+def flatten_state(state: dict) -> np.ndarray:
+    return np.concatenate([v.detach().cpu().float().reshape(-1).numpy() for v in state.values()])
+
+
+def unflatten_state(template: dict, flat: np.ndarray) -> dict:
+    out, offset = {}, 0
+    for k, v in template.items():
+        out[k] = torch.from_numpy(flat[offset:offset + v.numel()].copy()).view_as(v).to(v.dtype)
+        offset += v.numel()
+    return out

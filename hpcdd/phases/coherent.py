@@ -1,0 +1,138 @@
+"""Coherent phase: the whole CNN-DNN trained end to end, model-parallel, once per strategy.
+
+``scratch`` starts from the local-phase and DNN initialisations, ``transfer`` from the trained
+local CNNs and DNN. Per step every rank runs its own local CNNs on the same minibatch, the (B, K)
+outputs are Allgathered, the small DNN runs replicated, and each rank backpropagates into its own
+local CNNs (``hpcdd.coherent.DistributedCoherent``). Each rank checkpoints its own share.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+
+from .. import checkpoint
+from ..aggregators import accuracy
+from ..coherent import DistributedCoherent
+from ..engine import Loop, TrainState, make_optimizer, make_scheduler, run_loop, snapshot
+from ..ownership import slice_rows
+from ..rng import stream_of
+from ..training import buffers_of
+from .aggregate import gather_at_root, labels_of, load_local_models
+
+
+def coherent_accuracy(ctx, model: DistributedCoherent, split: str) -> float:
+    """Accuracy of the coherent model on a split: outputs gathered at rank 0, the DNN there."""
+    n = ctx.manifest.count(split)
+    full = gather_at_root(ctx, split, lambda: model.local_outputs(
+        {i: ctx.data(i, split) for i in ctx.world.own.subdomains}, np.arange(n), ctx.device, ctx.cfg.eval_batch_size))
+    acc = None
+    if ctx.world.is_root:
+        z = torch.from_numpy(full).to(ctx.device)
+        model.dnn.eval()
+        with torch.no_grad():
+            pred = model.dnn(z).argmax(1).cpu().numpy()
+        model.dnn.train()
+        acc = accuracy(pred, labels_of(ctx, split).numpy())
+    return float(ctx.world.bcast_obj(acc))
+
+
+def weights_of(model: DistributedCoherent) -> dict:
+    return {"local": {i: m.state_dict() for i, m in model.local_models.items()}, "dnn": model.dnn.state_dict()}
+
+
+def load_weights(model: DistributedCoherent, weights: dict) -> None:
+    for i, m in model.local_models.items():
+        m.load_state_dict(weights["local"][i])
+    model.dnn.load_state_dict(weights["dnn"])
+
+
+def build_coherent(ctx, strategy: str) -> DistributedCoherent:
+    """scratch: the local-phase and DNN initialisations; transfer: the trained local CNNs and DNN."""
+    dnn = ctx.models.dnn()
+    if strategy == "transfer":
+        models = load_local_models(ctx, ctx.layout.local_model)
+        dnn.load_state_dict(checkpoint.load(ctx.layout.dnn)["model"])
+    else:
+        models = {i: ctx.models.local(i) for i in ctx.world.own.subdomains}
+    return DistributedCoherent(ctx.world, models, dnn, ctx.manifest.n, ctx.cfg.dnn.input)
+
+
+def train_coherent(ctx, strategy: str, t) -> None:
+    own, world, layout, device = ctx.world.own, ctx.world, ctx.layout, ctx.device
+    os.makedirs(layout.phase_dir("coherent", strategy), exist_ok=True)
+    model = build_coherent(ctx, strategy)
+    opt = make_optimizer(list(model.parameters()), t)
+    train = {i: ctx.data(i, "train") for i in own.subdomains}
+    first = train[own.subdomains[0]]
+    stream = stream_of(ctx.cfg.seed, f"coherent {strategy}")
+    epoch_shifts = {}
+
+    def batches(epoch):
+        model.comm_time = 0.0
+        epoch_shifts.clear()
+        epoch_shifts[epoch] = stream.shifts(epoch, first.ids, t.augment_shift, ctx.manifest.dims)
+        return stream.batches(epoch, len(first), t.batch_size)
+
+    def step(epoch, step, rows):
+        part = rows[slice_rows(len(rows), own.replicas, own.replica)]
+        shifts = epoch_shifts[epoch]
+        xs = {i: train[i].batch(part, None if shifts is None else shifts[part])[0].to(device, non_blocking=True)
+              for i in own.subdomains}
+        y = first.y[torch.from_numpy(rows)].to(device)
+        loss, out = model.step(xs, y, len(rows), opt, stream.step_counters(epoch, step))
+        return loss * len(rows), (out.argmax(1) == y).sum(), len(rows)
+
+    def start():
+        # the starting point is a candidate too: transfer never ends below where it began
+        initial = coherent_accuracy(ctx, model, "val")
+        return TrainState(best=snapshot(weights_of(model)), best_val=initial, extra={"initial_val": initial})
+
+    def on_epoch(event):
+        ctx.event(phase="coherent", strategy=strategy, **event)
+        ctx.log(f"[coherent {strategy}] epoch {event['epoch']}/{event['epochs']}: loss {event['loss']:.4f} "
+                f"train {event['train_acc']:.4f} val {event['val_acc']:.4f} ({event['seconds']:.1f} s, "
+                f"communication {event['comm_seconds']:.1f} s)")
+
+    ckpt = layout.coherent_checkpoint(strategy, world.rank)
+    loop = Loop(
+        name=f"coherent {strategy}", epochs=t.epochs, batches=batches, step=step,
+        evaluate=lambda: coherent_accuracy(ctx, model, "val"), weights=lambda: weights_of(model),
+        load_weights=lambda w: load_weights(model, w), optimizer=opt, scheduler=make_scheduler(opt, t),
+        set_train=model.train, checkpoint=ckpt,
+        end_epoch=(lambda: world.replicas.mean_([b for m in model.local_models.values() for b in buffers_of(m)]))
+        if own.replicas > 1 else None,
+        stop=ctx.stop_collective(), on_epoch=on_epoch, on_resume=ctx.resume_logger("coherent", strategy=strategy),
+        event_extra=lambda: {"comm_seconds": model.comm_time}, check_every=1 if str(device) == "cpu" else 25)
+    state = run_loop(loop, device, start)
+    load_weights(model, state.best)
+    test = coherent_accuracy(ctx, model, "test")
+    if own.replica == 0:
+        for i, m in model.local_models.items():
+            checkpoint.save({"model": m.state_dict(), "subdomain": i}, layout.coherent_local(strategy, i))
+    if world.is_root:
+        checkpoint.save({"model": model.dnn.state_dict(), "input": ctx.cfg.dnn.input,
+                         "hidden": list(ctx.cfg.dnn.hidden)}, layout.coherent_dnn(strategy))
+        checkpoint.write_json({"strategy": strategy, "val": state.best_val, "test": test, "best_epoch": state.best_epoch,
+                               "initial_val": state.extra["initial_val"], "train_seconds": state.seconds,
+                               "comm_seconds": sum(e["comm_seconds"] for e in state.history), "epochs": t.epochs,
+                               "resumes": state.extra.get("resumes", []), "history": state.history},
+                              layout.result("coherent", strategy))
+        ctx.log(f"[coherent {strategy}] best val {state.best_val:.4f} (epoch {state.best_epoch}), test {test:.4f}")
+    ctx.sync()
+    if os.path.exists(ckpt):
+        os.unlink(ckpt)
+
+
+def run(ctx) -> None:
+    for strategy in ctx.cfg.coherent.strategies:
+        key = f"coherent_{strategy}"
+        if ctx.state.done(key):
+            continue
+        t0 = time.perf_counter()
+        train_coherent(ctx, strategy, getattr(ctx.cfg.coherent, strategy))
+        ctx.mark_done(key, wall_seconds=time.perf_counter() - t0)
+    ctx.mark_done("coherent")

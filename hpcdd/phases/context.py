@@ -1,0 +1,127 @@
+"""What a phase is handed: configuration, world, manifest, run layout, models, data, run state, logging.
+
+Each part is its own object; ``RunContext`` only bundles them and adds the stop polls and the
+logging that every phase uses in the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from .. import checkpoint
+from ..config import Config
+from ..factory import DataCache, Models
+from ..layout import RunLayout
+from ..manifest import Manifest
+from ..parallel import World
+
+
+@dataclass
+class RunState:
+    """RUN/state.json: which phases are complete, and whether the run was stopped (rank 0 writes it)."""
+
+    path: str
+    values: dict = field(default_factory=lambda: {"phases": {}})
+
+    @classmethod
+    def read(cls, path: str) -> "RunState":
+        return cls(path, checkpoint.read_json(path))
+
+    def done(self, phase: str) -> bool:
+        return bool(self.values.get("phases", {}).get(phase, {}).get("done"))
+
+    def completed(self) -> set[str]:
+        return {p for p, v in self.values.get("phases", {}).items() if v.get("done")}
+
+    def mark_done(self, phase: str, write: bool, **info) -> None:
+        self.values.setdefault("phases", {})[phase] = dict(done=True, **info)
+        if write:
+            checkpoint.write_json(self.values, self.path)
+
+    def mark_preempted(self, phase: str, when: str, write: bool) -> None:
+        self.values["preempted"] = {"phase": phase, "time": when}
+        if write:
+            checkpoint.write_json(self.values, self.path)
+
+    def clear_preempted(self) -> None:
+        self.values.pop("preempted", None)
+
+
+@dataclass
+class RunContext:
+    cfg: Config
+    world: World
+    layout: RunLayout
+    manifest: Manifest
+    state: RunState
+    stop: object = None  # preemption.StopFlag
+    models: Models = None
+    data: DataCache = None
+
+    def __post_init__(self):
+        if self.models is None:
+            self.models = Models(self.cfg.model, self.cfg.dnn, self.manifest, self.cfg.seed, self.world.device)
+        if self.data is None:
+            self.data = DataCache(self.manifest, self.cfg.memory_limit_gb, self.world.device, self.cfg.data_on_device)
+
+    @property
+    def device(self):
+        return self.world.device
+
+    def sync(self) -> None:
+        """The end of a phase's parallel work: every rank meets here, then all agree whether to stop."""
+        from ..preemption import Preempted
+
+        self.world.idle_barrier()
+        if self.stop is not None and self.stop.agree():
+            raise Preempted(synced=True)
+
+    def stop_independent(self):
+        """The local phase's stop poll (ranks not in lockstep; replicas agree in their group)."""
+        if self.stop is None:
+            return None
+        return lambda: self.stop.poll_independent(self.world.replicas)
+
+    def stop_alone(self):
+        """The stop poll of work one rank does while the others wait (the DNN on rank 0)."""
+        if self.stop is None:
+            return None
+        return lambda: self.stop.poll_independent()
+
+    def stop_collective(self):
+        return None if self.stop is None else self.stop.poll_collective
+
+    def mark_done(self, phase: str, **info) -> None:
+        self.state.mark_done(phase, self.world.is_root, **info)
+
+    def log(self, message: str) -> None:
+        if self.world.is_root:
+            print(message, flush=True)
+
+    def event(self, **fields) -> None:
+        """Append one JSON line to RUN/metrics.jsonl (rank 0 only: one owner per file)."""
+        if self.world.is_root:
+            with open(self.layout.metrics, "a") as f:
+                f.write(json.dumps(fields) + "\n")
+
+    def epoch_logger(self, phase: str, label: str):
+        def on_epoch(event):
+            self.log(f"[{phase}] {label} epoch {event['epoch']}/{event['epochs']}: loss {event['loss']:.4f} "
+                     f"train {event['train_acc']:.4f} val {event['val_acc']:.4f} "
+                     f"({event['seconds']:.1f} s, {event['images_per_s']:.0f} img/s)")
+        return on_epoch
+
+    def resume_logger(self, phase: str, write_event: bool = True, **ids):
+        """Record where a training resumed from (the training state, metrics.jsonl and the log), so a
+        resume can be told from a recompute. ``write_event`` False: the phase writes the event itself
+        (the local phase, whose trainings run on every rank)."""
+        def on_resume(state):
+            point = {"epoch": state.epoch, "step": state.step}
+            state.extra.setdefault("resumes", []).append(point)
+            if write_event:
+                self.event(event="resume", phase=phase, **ids, **point)
+            what = " ".join(f"{k} {v}" for k, v in ids.items())
+            print(f"[{phase}] rank {self.world.rank}: resumed {what + ' ' if what else ''}at epoch "
+                  f"{state.epoch}, step {state.step}", flush=True)
+        return on_resume

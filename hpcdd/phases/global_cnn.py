@@ -1,0 +1,43 @@
+"""Global phase: the baseline CNN on full images (full.h5), data-parallel over all ranks (each rank a
+slice of every minibatch, one Allreduce of the gradients per step)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from .. import checkpoint
+from ..models import count_parameters
+from ..rng import stream_of
+from ..training import Fit, accuracy_of, fit
+
+
+def run(ctx) -> None:
+    world, layout = ctx.world, ctx.layout
+    os.makedirs(layout.phase_dir("global"), exist_ok=True)
+    t0 = time.perf_counter()
+    model = ctx.models.global_()
+    everyone = world.everyone
+    state = fit(model, Fit(
+        name="global CNN", train=ctx.data(None, "train"), val=ctx.data(None, "val"), t=ctx.cfg.global_,
+        stream=stream_of(ctx.cfg.seed, "global"), device=ctx.device, eval_batch=ctx.cfg.eval_batch_size,
+        group=everyone, checkpoint=layout.global_checkpoint, writer=world.is_root,
+        on_epoch=ctx.epoch_logger("global", "global CNN"), on_resume=ctx.resume_logger("global"),
+        stop=ctx.stop_collective()))
+    model.load_state_dict(state.best["model"])
+    test = accuracy_of(model, ctx.data(None, "test"), ctx.device, ctx.cfg.eval_batch_size, everyone)
+    if world.is_root:
+        for e in state.history:
+            ctx.event(phase="global", **e)
+        checkpoint.save({"model": state.best["model"]}, layout.global_model)
+        checkpoint.write_json({"val": state.best_val, "test": test, "best_epoch": state.best_epoch,
+                               "parameters": count_parameters(model), "train_seconds": state.seconds,
+                               "wall_seconds": time.perf_counter() - t0, "epochs": ctx.cfg.global_.epochs,
+                               "resumes": state.extra.get("resumes", []), "history": state.history},
+                              layout.result("global"))
+        ctx.log(f"[global] best val {state.best_val:.4f} (epoch {state.best_epoch}), test {test:.4f}")
+    ctx.sync()
+    if world.is_root and os.path.exists(layout.global_checkpoint):
+        os.unlink(layout.global_checkpoint)
+    ctx.data.release(None)
+    ctx.mark_done("global")
