@@ -15,10 +15,10 @@ from .writer import check_output, write_dataset
 
 
 def build_parser() -> OneLineParser:
-    p = OneLineParser(prog="data_prep", description=(
+    p = OneLineParser(prog="hpcdd-prep", description=(
         "Convert a dataset into HDF5 shards, one per subdomain of the decomposition, plus full.h5 "
-        "(whole images, for the global CNN baseline) and manifest.json."))
-    p.add_argument("source", metavar="SOURCE", choices=sources.SOURCES,
+        "(whole images, for the global CNN baseline) and manifest.json. Also: python -m data_prep."))
+    p.add_argument("source", metavar="FORMAT", choices=sources.SOURCES,
                    help=f"input format: {', '.join(sources.SOURCES)}")
     p.add_argument("input", metavar="INPUT", help="IDX folder, CIFAR pickle folder, image folder or .npz file")
     p.add_argument("out", metavar="OUT", help="output directory (must not exist unless --force)")

@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 
 from hpcdd import __version__
+from hpcdd.checkpoint import current_umask
 from hpcdd.data import ids_digest
 from hpcdd.manifest import FORMAT_VERSION, FULL_NAME, MANIFEST_NAME, shard_name
 from hpcdd.decomposition import Decomposition
@@ -174,6 +175,7 @@ def write_dataset(source: Source, out: str, grid, overlap: int, margin: int, val
     parent = os.path.dirname(os.path.abspath(out))
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.tmp-", dir=parent)
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would survive the rename
         common = {"format_version": FORMAT_VERSION, "grid": list(deco.grid), "overlap": overlap,
                   "margin": margin, "prep_id": prep_id, "image_shape": list(x0.shape[1:]),
                   "num_classes": len(source.classes)}

@@ -91,6 +91,8 @@ class Config:
     data_on_device: bool = True  # on a GPU, keep in-memory splits in GPU memory
     eval_batch_size: int = 512
     num_classes: int = 0  # 0: from the data; otherwise checked against it
+    log_interval: float = 30.0  # seconds between progress lines in batch logs (0: none); a terminal gets a bar
+    tensorboard: bool = True  # event files under RUN/tensorboard when the tensorboard package is installed
     model: ModelConfig = field(default_factory=ModelConfig)
     local: TrainConfig = field(default_factory=TrainConfig)
     dnn: DNNConfig = field(default_factory=DNNConfig)
@@ -249,6 +251,7 @@ def validate(cfg: Config) -> None:
         (cfg.threads >= 0, f"threads = {cfg.threads}: expected 0 (automatic) or a positive count"),
         (cfg.memory_limit_gb > 0, f"memory_limit_gb = {cfg.memory_limit_gb}: expected a positive size"),
         (cfg.num_classes >= 0, f"num_classes = {cfg.num_classes}: expected 0 (from the data) or a class count"),
+        (cfg.log_interval >= 0, f"log_interval = {cfg.log_interval}: expected 0 (off) or a number of seconds"),
         (cfg.eval_batch_size >= 1, f"eval_batch_size = {cfg.eval_batch_size}: expected a positive batch size"),
         (m.family in FAMILIES, f"model.family = {m.family!r}: expected one of {', '.join(FAMILIES)}"),
         (bool(m.widths) and all(w >= 1 for w in m.widths), f"model.widths = {m.widths}: expected positive widths"),

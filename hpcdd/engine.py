@@ -116,6 +116,7 @@ class Loop:
     stop: Callable[[], bool] | None = None  # polled before every step (preemption)
     on_epoch: Callable[[dict], None] | None = None
     on_resume: Callable[[TrainState], None] | None = None
+    on_step: Callable[[int, int, int, int], None] | None = None  # (epoch, step, steps, minibatch rows): progress
     event_extra: Callable[[], dict] | None = None  # more fields for each epoch's event (e.g. communication time)
     check_every: int = 1  # steps between finiteness checks (a GPU sync each)
 
@@ -171,6 +172,8 @@ def train(loop: Loop, state: TrainState, device) -> TrainState:
             loss_sum += step_loss.detach().double()
             correct += step_correct.detach().double()
             seen += rows
+            if loop.on_step is not None:
+                loop.on_step(epoch, step, len(batches), len(batches[step]))
             if (step + 1) % loop.check_every == 0 or step == len(batches) - 1:
                 value = float(loss_sum)
                 if not math.isfinite(value):

@@ -51,6 +51,15 @@ class RunLayout:
         return self.path("results.md")
 
     @property
+    def progress(self) -> str:
+        """rank_RRRR.json: each rank's counters of its current training (hpcdd.progress)."""
+        return self.path("progress")
+
+    @property
+    def tensorboard(self) -> str:
+        return self.path("tensorboard")
+
+    @property
     def plots(self) -> str:
         return self.path("plots")
 

@@ -17,11 +17,13 @@ from .errors import UserError, fail
 
 
 def build_parser():
-    p = OneLineParser(prog="hpcdd.predict", description="Evaluate the CNN-DNN exported by a run (RUN/model.pt).")
+    p = OneLineParser(prog="hpcdd-predict", description=(
+        "Evaluate the CNN-DNN exported by a run (RUN/model.pt: the CNN-DNN with the best validation accuracy) "
+        "on the full images of a prepared dataset. Also: python -m hpcdd.predict."))
     p.add_argument("run", metavar="RUN", help="run directory (or a model.pt file)")
     p.add_argument("--data", required=True, help="directory written by data_prep (its full.h5 is read)")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to evaluate (default: test)")
+    p.add_argument("--batch-size", type=int, default=512, help="images per forward pass (default: 512)")
     p.add_argument("--output", metavar="CSV", help="write sample_id, label, prediction, probabilities")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     return p

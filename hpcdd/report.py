@@ -6,6 +6,7 @@ RUN/plots/*.png (when matplotlib is installed) and RUN/model.pt.
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -36,7 +37,8 @@ def collect(ctx) -> dict:
                          seconds_per_epoch=(wall / epochs if wall is not None and epochs else None), **extra))
 
     if glob:
-        row("global CNN", glob["val"], glob["test"], glob["parameters"], glob["wall_seconds"], glob["epochs"])
+        row("global CNN", glob["val"], glob["test"], glob["parameters"], glob["wall_seconds"], glob["epochs"],
+            best_epoch=glob["best_epoch"])
     if agg:
         lv = [r["val"] for r in agg["local"]]
         lt = [r["test"] for r in agg["local"]]
@@ -52,7 +54,8 @@ def collect(ctx) -> dict:
         if res:
             params = local_params + agg["dnn"]["parameters"] if agg else None
             row(f"coherent CNN-DNN ({strategy})", res["val"], res["test"], params, res["train_seconds"],
-                res["epochs"], comm_seconds=res["comm_seconds"], initial_val=res["initial_val"])
+                res["epochs"], comm_seconds=res["comm_seconds"], initial_val=res["initial_val"],
+                best_epoch=res["best_epoch"])
     speedup = (glob["wall_seconds"] / decomposed) if glob and decomposed else None
     return {
         "tool": f"hpcdd {__version__}",
@@ -89,12 +92,25 @@ def markdown(results: dict) -> str:
              f"model family {r['model_family']}; epochs: " + ", ".join(f"{k} {v}" for k, v in r["epochs"].items())
              + "; samples: " + ", ".join(f"{k} {v}" for k, v in r["splits"].items()) + ".",
              "",
-             "| method | val accuracy | test accuracy | parameters | training wall time (s) | time per epoch (s) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| method | val accuracy | test accuracy | parameters | training wall time (s) | time per epoch (s) "
+             "| best epoch |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    kept_start = []
     for row in r["rows"]:
+        best = row.get("best_epoch")
+        if best == 0:
+            kept_start.append(row["method"])
         lines.append(f"| {row['method']} | {_fmt(row['val'])} | {_fmt(row['test'])} | {_fmt(row['parameters'])} | "
-                     f"{_fmt(row['train_seconds'], 1)} | {_fmt(row['seconds_per_epoch'], 2)} |")
+                     f"{_fmt(row['train_seconds'], 1)} | {_fmt(row['seconds_per_epoch'], 2)} | "
+                     f"{'-' if best is None else ('0 (start)' if best == 0 else best)} |")
     lines.append("")
+    for method in kept_start:
+        lines.append(f"{method} never beat its starting point on validation: the row is the model it started from; "
+                     f"its training time bought no improvement.")
+    exported = r.get("exported_model")
+    if exported:
+        lines.append(f"Exported to model.pt (for hpcdd-predict): {exported['method']}, the CNN-DNN with the best "
+                     f"validation accuracy ({exported['val']:.4f}).")
     if r["speedup_decomposed_over_global"]:
         lines.append(f"Decomposed pipeline (local + aggregate): {r['decomposed_seconds']:.1f} s; global CNN: "
                      f"{r['global_seconds']:.1f} s; speedup {r['speedup_decomposed_over_global']:.2f}x.")
@@ -123,8 +139,9 @@ def plots(ctx, results: dict) -> list[str]:
     ax.barh(names, tests, color="tab:blue")
     for y, v in enumerate(tests):
         ax.text(v, y, f" {v:.3f}", va="center")
-    ax.set_xlim(0, 1.08)
-    ax.set_xlabel("test accuracy (local CNNs: mean)")
+    low = max(0.0, min(tests) - 0.05)
+    ax.set_xlim(low, min(1.0, max(tests)) + 0.25 * (min(1.0, max(tests)) - low) + 0.01)  # zoomed: the values differ in points
+    ax.set_xlabel("test accuracy (local CNNs: mean); axis starts at %.2f" % low)
     ax.invert_yaxis()
     fig.tight_layout()
     written.append(_save(fig, os.path.join(out, "accuracy.png")))
@@ -143,19 +160,31 @@ def plots(ctx, results: dict) -> list[str]:
     glob = _maybe(ctx.layout.result("global"))
     if glob:
         curves.append(("global CNN", glob["history"], "global"))
+    if os.path.exists(ctx.layout.metrics):
+        with open(ctx.layout.metrics) as f:
+            dnn = [e for e in map(json.loads, f)
+                   if e.get("phase") == "aggregate" and e.get("model") == "dnn" and e.get("event") is None]
+        if dnn:
+            curves.append(("DNN (on local outputs)", dnn, "dnn"))
     if curves:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        from matplotlib.ticker import MaxNLocator
+
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
         for label, hist, kind in curves:
             ep = [e["epoch"] for e in hist]
-            style = {"local": dict(lw=0.8, alpha=0.6), "coherent": dict(lw=2), "global": dict(lw=2, ls="--")}[kind]
-            axes[0].plot(ep, [e["loss"] for e in hist], label=label if kind != "local" or label.endswith(" 0") else None, **style)
-            axes[1].plot(ep, [e["val_acc"] for e in hist], label=label, **style)
+            style = {"local": dict(lw=0.8, alpha=0.6), "coherent": dict(lw=2), "global": dict(lw=2, ls="--"),
+                     "dnn": dict(lw=1.2, ls=":", color="black")}[kind]
+            axes[0].plot(ep, [e["loss"] for e in hist], label=label, **style)
+            axes[1].plot(ep, [e["val_acc"] for e in hist], **style)
         axes[0].set_title("training loss")
         axes[1].set_title("validation accuracy")
+        axes[0].set_ylabel("cross-entropy loss (mean over the epoch)")
+        axes[1].set_ylabel("accuracy")
         for a in axes:
             a.set_xlabel("epoch")
-        axes[1].legend(fontsize=7, ncol=2)
-        fig.tight_layout()
+            a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        fig.legend(loc="lower center", ncol=min(len(curves), 5), fontsize=7, frameon=False)
+        fig.tight_layout(rect=(0, 0.1, 1, 1))
         written.append(_save(fig, os.path.join(out, "training_curves.png")))
         plt.close(fig)
 
@@ -197,7 +226,8 @@ def _save(fig, path: str) -> str:
 def write_report(ctx) -> dict:
     results = collect(ctx)
     exported = export.write(ctx, results["rows"])
-    results["exported_model"] = None if exported is None else {"path": "model.pt", "method": exported["method"]}
+    results["exported_model"] = None if exported is None else {"path": "model.pt", "method": exported["method"],
+                                                               "val": exported["val"]}
     results["plots"] = [os.path.relpath(p, ctx.layout.root) for p in plots(ctx, results)]
     checkpoint.write_json(results, ctx.layout.results_json)
     text = markdown(results)

@@ -15,7 +15,7 @@ from .errors import EXIT_USER_ERROR, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="hpcdd.run", description=(
+    p = OneLineParser(prog="hpcdd-run", description=(
         "Train a CNN-DNN by domain decomposition on prepared HDF5 shards: local CNNs in parallel over MPI "
         "ranks, the DNN aggregator, the coherent CNN-DNN and the global CNN baseline. Launch with srun, "
         "mpirun/mpiexec or plain python."))
@@ -125,6 +125,7 @@ def main(argv=None) -> int:
     finally:
         if ctx is not None:
             ctx.data.release(everything=True)
+            ctx.events.close()
     return 0
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import platform
+
+import numpy as np
 import shutil
 import tempfile
 import time
@@ -16,6 +18,7 @@ import time
 from . import __version__, checkpoint
 from .config import Config
 from .data import ShardReader
+from .events import decomposition_picture
 from .errors import UserError
 from .factory import Models
 from .layout import RunLayout
@@ -23,6 +26,7 @@ from .manifest import SPLITS, Manifest, load_manifest
 from .parallel import World
 from .phases import BY_NAME
 from .phases.context import RunContext, RunState
+from .progress import Progress, make_plan
 
 
 def _validate_data(cfg: Config, world: World) -> Manifest:
@@ -142,6 +146,7 @@ def prepare(cfg: Config, world: World, resume: bool = False, force: bool = False
             checkpoint.write_json(state.values, layout.state)
         elif os.path.exists(layout.failed):  # the failure of the run being resumed
             os.replace(layout.failed, layout.failed_previous)
+        os.makedirs(layout.progress, exist_ok=True)
     procs = world.allgather_obj({"rank": world.rank, "host": platform.node(), "pid": os.getpid(),
                                  "local_rank": world.info.local_rank, "device": str(world.device)})
     if world.is_root:  # maps the PID or host an MPI launcher names when a rank dies to its rank
@@ -150,6 +155,12 @@ def prepare(cfg: Config, world: World, resume: bool = False, force: bool = False
     from .preemption import StopFlag, parse_signals
 
     ctx = RunContext(cfg, world, layout, manifest, state, stop=StopFlag(world, parse_signals(cfg.preemption.signals)))
+    plan = make_plan(cfg, manifest, ctx.models, world.own.table, world.size) if world.is_root else None
+    ctx.progress = Progress(layout, world, cfg.phases, plan, cfg.log_interval)
+    if world.is_root and manifest.full:
+        with ShardReader(manifest, None) as reader:
+            ctx.events.image("decomposition", decomposition_picture(reader.read_rows("test", np.array([0]))[0][0],
+                                                                     manifest.boxes, manifest.margin))
     own = world.own
     ctx.log(f"hpcdd {__version__}: {world.size} rank(s), {world.threads} thread(s) each, device {world.device}; "
             f"{manifest.dataset} {'x'.join(map(str, manifest.grid))} grid"
@@ -168,6 +179,7 @@ def run_phases(ctx: RunContext) -> None:
             ctx.log(f"[{phase}] already complete, skipped")
             continue
         ctx.log(f"[{phase}] {BY_NAME[phase].summary}")
+        ctx.progress.start_phase(phase)
         t0 = time.perf_counter()
         try:
             BY_NAME[phase].function()(ctx)

@@ -81,6 +81,7 @@ class Fit:
     writer: bool = True  # this worker writes the checkpoint
     on_epoch: object = None  # callback(event dict)
     on_resume: object = None  # callback(TrainState)
+    on_step: object = None  # callback(epoch, step, steps, rows): progress
     stop: object = None  # callable -> bool, polled at every step boundary (preemption)
 
 
@@ -113,6 +114,6 @@ def fit(model, spec: Fit) -> TrainState:
         optimizer=opt, scheduler=make_scheduler(opt, t), set_train=model.train, checkpoint=spec.checkpoint,
         writer=spec.writer, reduce=group.sum if group.size > 1 else None,
         end_epoch=(lambda: group.mean_(buffers_of(model))) if group.size > 1 else None,
-        stop=spec.stop, on_epoch=spec.on_epoch, on_resume=spec.on_resume,
+        stop=spec.stop, on_epoch=spec.on_epoch, on_resume=spec.on_resume, on_step=spec.on_step,
         check_every=1 if str(device) == "cpu" else 25)
     return run_loop(loop, device)

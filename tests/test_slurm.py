@@ -64,6 +64,8 @@ def test_every_template_says_what_to_edit():
         text = open(os.path.join(ROOT, "jobs", name)).read()
         assert text.startswith("#!/bin/bash\n# hpcdd") and "Edit the two lines" in text
         assert len(re.findall(r"# EDIT", text)) == 2, name
+        for needle in ("##SBATCH --partition=", "##SBATCH --account=", "build mpi4py against it"):
+            assert needle in text, (name, needle)
         sbatch = text.index("#SBATCH")
         assert all(not ln.strip() or ln.startswith("#") for ln in text[:text.rindex("#SBATCH")].splitlines()), name
         assert sbatch > 0
@@ -139,7 +141,7 @@ def test_preempted_job_checkpoints_requeues_resumes(cluster, small_data, mpiexec
 def test_prepare_and_sweep_array(cluster, fashion_dir, tmp_path):
     data_root = tmp_path / "data"
     data_root.mkdir()
-    prep = edited("prepare.sbatch", tmp_path, {"SOURCE": fashion_dir, "DATA": str(data_root / "2x2")})
+    prep = edited("prepare.sbatch", tmp_path, {"INPUT": fashion_dir, "DATA": str(data_root / "2x2")})
     job = submit(cluster, prep, tmp_path, job_env(
         cluster, HPCDD_PREP_ARGS="--grid 2x2 --overlap 1 --max-train 1500 --max-test 500 --quiet"))
     assert cluster.wait_job(job, timeout=300) == "COMPLETED"

@@ -70,12 +70,21 @@ def on_root(ctx, work):
 def train_dnn(ctx, feats: dict, labels: dict):
     """Rank 0: the DNN trained by the engine on the local outputs, selected on validation."""
     model = ctx.models.dnn()
+    every = max(1, ctx.cfg.dnn.epochs // 10)
+
+    def on_epoch(e):
+        ctx.event(phase="aggregate", model="dnn", **e)
+        if e["epoch"] % every == 0 or e["epoch"] == e["epochs"]:
+            ctx.log(f"[aggregate] DNN epoch {e['epoch']}/{e['epochs']}: loss {e['loss']:.4f} train {e['train_acc']:.4f} "
+                    f"val {e['val_acc']:.4f}")
+
     state = fit(model, Fit(
         name="DNN", train=TensorData(feats["train"].to(ctx.device), labels["train"]),
         val=TensorData(feats["val"].to(ctx.device), labels["val"]), t=ctx.cfg.dnn,
         stream=stream_of(ctx.cfg.seed, "dnn"), device=ctx.device, eval_batch=ctx.cfg.eval_batch_size,
-        checkpoint=ctx.layout.dnn_checkpoint, on_epoch=lambda e: ctx.event(phase="aggregate", model="dnn", **e),
-        on_resume=ctx.resume_logger("aggregate", model="dnn"), stop=ctx.stop_alone()))
+        checkpoint=ctx.layout.dnn_checkpoint, on_epoch=on_epoch, on_resume=ctx.resume_logger("aggregate", model="dnn"),
+        stop=ctx.stop_alone(), on_step=ctx.training("DNN", ctx.cfg.dnn.epochs, {})))
+    ctx.progress.end_training()
     return state.best["model"], {"best_val": state.best_val, "best_epoch": state.best_epoch,
                                  "train_seconds": state.seconds, "parameters": count_parameters(model)}
 
@@ -85,9 +94,14 @@ def run(ctx) -> None:
     layout, m = ctx.layout, ctx.manifest
     os.makedirs(layout.phase_dir("aggregate"), exist_ok=True)
     models = load_local_models(ctx, layout.local_model)
-    logits = {split: gather_at_root(ctx, split, lambda: np.stack([
-        logits_of(models[i], ctx.data(i, split), ctx.device, ctx.cfg.eval_batch_size)
-        for i in ctx.world.own.subdomains])) for split in SPLITS}
+    logits = {}
+    for split in SPLITS:
+        t1 = time.perf_counter()
+        logits[split] = gather_at_root(ctx, split, lambda: np.stack([
+            logits_of(models[i], ctx.data(i, split), ctx.device, ctx.cfg.eval_batch_size)
+            for i in ctx.world.own.subdomains]))
+        ctx.log(f"[aggregate] outputs of the {m.n} local CNNs on the {split} split ({m.count(split)} samples) "
+                f"gathered in {time.perf_counter() - t1:.1f} s")
     kind = ctx.cfg.dnn.input
     if ctx.world.is_root:
         labels = {s: labels_of(ctx, s) for s in SPLITS}

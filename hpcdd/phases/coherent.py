@@ -106,8 +106,10 @@ def train_coherent(ctx, strategy: str, t) -> None:
         end_epoch=(lambda: world.replicas.mean_([b for m in model.local_models.values() for b in buffers_of(m)]))
         if own.replicas > 1 else None,
         stop=ctx.stop_collective(), on_epoch=on_epoch, on_resume=ctx.resume_logger("coherent", strategy=strategy),
-        event_extra=lambda: {"comm_seconds": model.comm_time}, check_every=1 if str(device) == "cpu" else 25)
+        event_extra=lambda: {"comm_seconds": model.comm_time}, check_every=1 if str(device) == "cpu" else 25,
+        on_step=ctx.training(f"coherent {strategy}", t.epochs, model.local_models, share=1 / own.replicas))
     state = run_loop(loop, device, start)
+    ctx.progress.end_training()
     load_weights(model, state.best)
     test = coherent_accuracy(ctx, model, "test")
     if own.replica == 0:

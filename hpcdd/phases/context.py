@@ -6,11 +6,11 @@ logging that every phase uses in the same way.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 from .. import checkpoint
 from ..config import Config
+from ..events import EventLog
 from ..factory import DataCache, Models
 from ..layout import RunLayout
 from ..manifest import Manifest
@@ -58,8 +58,12 @@ class RunContext:
     stop: object = None  # preemption.StopFlag
     models: Models = None
     data: DataCache = None
+    events: EventLog = None
+    progress: object = None  # hpcdd.progress.Progress
 
     def __post_init__(self):
+        if self.events is None:
+            self.events = EventLog(self.layout, self.world.is_root, self.cfg.tensorboard)
         if self.models is None:
             self.models = Models(self.cfg.model, self.cfg.dnn, self.manifest, self.cfg.seed, self.world.device)
         if self.data is None:
@@ -100,10 +104,21 @@ class RunContext:
             print(message, flush=True)
 
     def event(self, **fields) -> None:
-        """Append one JSON line to RUN/metrics.jsonl (rank 0 only: one owner per file)."""
-        if self.world.is_root:
-            with open(self.layout.metrics, "a") as f:
-                f.write(json.dumps(fields) + "\n")
+        """One JSON line in RUN/metrics.jsonl (and TensorBoard scalars), rank 0 only: one owner per file."""
+        self.events(**fields)
+
+    def training(self, label: str, epochs: int, models: dict, left: int = 0, share: float = 1.0):
+        """Progress of a training starts; returns the engine's ``on_step``. ``models`` (index -> model;
+        index None: the global CNN) give rank 0 the forward FLOPs per sample (times ``share``, this
+        rank's part of a minibatch) from which it extrapolates the run's ETA."""
+        flops = 0.0
+        if self.world.is_root and self.progress.plan is not None:
+            from ..progress import forward_flops
+
+            m = self.manifest
+            flops = share * sum(forward_flops(model, (m.channels,) + m.subimage_shape(i)) for i, model in models.items())
+        self.progress.start_training(label, epochs, left, flops)
+        return self.progress.step
 
     def epoch_logger(self, phase: str, label: str):
         def on_epoch(event):

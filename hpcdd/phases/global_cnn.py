@@ -23,7 +23,9 @@ def run(ctx) -> None:
         stream=stream_of(ctx.cfg.seed, "global"), device=ctx.device, eval_batch=ctx.cfg.eval_batch_size,
         group=everyone, checkpoint=layout.global_checkpoint, writer=world.is_root,
         on_epoch=ctx.epoch_logger("global", "global CNN"), on_resume=ctx.resume_logger("global"),
-        stop=ctx.stop_collective()))
+        stop=ctx.stop_collective(),
+        on_step=ctx.training("global CNN", ctx.cfg.global_.epochs, {None: model}, share=1 / world.size)))
+    ctx.progress.end_training()
     model.load_state_dict(state.best["model"])
     test = accuracy_of(model, ctx.data(None, "test"), ctx.device, ctx.cfg.eval_batch_size, everyone)
     if world.is_root:

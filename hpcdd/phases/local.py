@@ -20,7 +20,7 @@ def run(ctx) -> None:
     os.makedirs(layout.phase_dir("local"), exist_ok=True)
     t0 = time.perf_counter()
     summaries = []
-    for i in own.subdomains:
+    for n_done, i in enumerate(own.subdomains):
         final = layout.local_model(i)
         if os.path.exists(final):
             summaries.append(checkpoint.load(final)["summary"])
@@ -32,7 +32,10 @@ def run(ctx) -> None:
             stream=stream_of(ctx.cfg.seed, "local", i), device=ctx.device, eval_batch=ctx.cfg.eval_batch_size,
             group=ctx.world.replicas, checkpoint=ckpt, writer=own.replica == 0,
             on_epoch=ctx.epoch_logger("local", f"subdomain {i}"),
-            on_resume=ctx.resume_logger("local", write_event=False, subdomain=i), stop=ctx.stop_independent()))
+            on_resume=ctx.resume_logger("local", write_event=False, subdomain=i), stop=ctx.stop_independent(),
+            on_step=ctx.training(f"subdomain {i}", ctx.cfg.local.epochs, {i: model},
+                                 left=len(own.subdomains) - n_done - 1, share=1 / own.replicas)))
+        ctx.progress.end_training()
         summary = {"subdomain": i, "best_val": state.best_val, "best_epoch": state.best_epoch,
                    "train_seconds": state.seconds, "images": state.images, "parameters": count_parameters(model),
                    "history": state.history, "resumes": state.extra.get("resumes", [])}

@@ -1,0 +1,186 @@
+"""What a user sees while a run trains: a live bar on a terminal, a periodic line in batch logs.
+
+Every rank keeps cheap counters of its current training (phase, training, epoch, step, images,
+seconds) and writes them to RUN/progress/rank_RRRR.json every few seconds (atomic, no MPI, never
+blocking). Rank 0 prints: on a terminal a tqdm bar per epoch (tqdm is optional), in a batch log a
+line every ``log_interval`` seconds with every rank's training, images/s and the ETA of the phase
+and of the whole run. The run ETA extrapolates the measured rate (forward FLOPs per second) to the
+work the remaining phases hold (their epochs x samples x forward FLOPs of their models).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+from . import checkpoint
+
+
+def forward_flops(model, shape) -> float:
+    """Forward FLOPs of one sample of ``shape`` (C, *spatial), counted by torch's FLOP counter."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was = model.training
+    model.eval()
+    param = next(model.parameters())
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros((1,) + tuple(shape), device=param.device, dtype=param.dtype))
+    model.train(was)
+    return float(counter.get_total_flops())
+
+
+def duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+@dataclass
+class Plan:
+    """Forward FLOPs of the work left in the run, per phase; measured rates turn it into time."""
+
+    flops: dict = field(default_factory=dict)  # phase -> work (FLOPs) of the busiest rank
+
+    def remaining_after(self, phase: str, order) -> float:
+        later = list(order)[list(order).index(phase) + 1:] if phase in order else list(order)
+        return sum(self.flops.get(p, 0.0) for p in later)
+
+
+def make_plan(cfg, manifest, models, own_table, ranks: int) -> Plan:
+    """Training counts 3x the forward pass (forward + backward), evaluation 1x."""
+    n_train, n_eval = manifest.count("train"), manifest.count("val")
+    local = [forward_flops(models.local(i), (manifest.channels,) + manifest.subimage_shape(i)) for i in range(manifest.n)]
+    per_rank = [sum(local[i] for i in subs) for subs in own_table]
+    busiest = max(per_rank)
+    plan = Plan()
+    plan.flops["local"] = cfg.local.epochs * (3 * n_train + n_eval) * busiest
+    plan.flops["aggregate"] = sum(manifest.splits.values()) * busiest
+    plan.flops["coherent"] = sum(getattr(cfg.coherent, s).epochs * (3 * n_train + n_eval) * busiest
+                                 for s in cfg.coherent.strategies)
+    if manifest.full:
+        g = forward_flops(models.global_(), manifest.stored_shape(None)[:1] + manifest.spatial)
+        plan.flops["global"] = cfg.global_.epochs * (3 * n_train + n_eval) * g / ranks
+    return plan
+
+
+class Progress:
+    """One rank's counters; rank 0 also prints."""
+
+    def __init__(self, layout, world, phases, plan: Plan | None = None, interval: float = 30.0,
+                 write_every: float = 2.0, terminal: bool | None = None):
+        self.layout, self.world, self.phases, self.plan = layout, world, list(phases), plan
+        self.interval, self.write_every = interval, write_every
+        self.terminal = sys.stdout.isatty() if terminal is None else terminal
+        self.current: dict = {}
+        self.phase, self.phase_started = None, time.perf_counter()
+        self.last_write = self.last_print = time.perf_counter()
+        self.bar = None
+
+    # ------------------------------------------------------------------ every rank
+    def start_phase(self, phase: str) -> None:
+        self.phase, self.phase_started = phase, time.perf_counter()
+        self.last_print = time.perf_counter()
+
+    def start_training(self, label: str, epochs: int, trainings_left: int = 0, flops_per_image: float = 0.0) -> None:
+        """``trainings_left``: further trainings of this rank in this phase, each like this one."""
+        self.current = {"rank": self.world.rank, "phase": self.phase, "label": label, "epoch": 0, "epochs": epochs,
+                        "step": 0, "steps": 0, "images": 0, "seconds": 0.0, "left": trainings_left,
+                        "done_steps": 0, "flops_per_image": flops_per_image}
+        self._t0 = time.perf_counter()
+
+    def step(self, epoch: int, step: int, steps: int, rows: int) -> None:
+        c = self.current
+        if not c:
+            return
+        now = time.perf_counter()
+        c.update(epoch=epoch, step=step + 1, steps=steps, images=c["images"] + rows, seconds=now - self._t0)
+        c["done_steps"] += 1
+        if c["done_steps"] == 1:
+            c["first_step_seconds"] = c["seconds"]  # includes warm-up: left out of the rate
+        if now - self.last_write >= self.write_every and not self.world.is_root:
+            self._write()
+        if self.world.is_root:
+            self._show(now)
+
+    def end_training(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self.current = {}
+
+    def _write(self) -> None:
+        self.last_write = time.perf_counter()
+        checkpoint.write_json(self.current, os.path.join(self.layout.progress, f"rank_{self.world.rank:04d}.json"))
+
+    # ------------------------------------------------------------------ rank 0
+    def _others(self) -> list[dict]:
+        out = []
+        directory = self.layout.progress
+        for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+            try:
+                with open(os.path.join(directory, name)) as f:
+                    d = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if d.get("phase") == self.phase and d.get("rank") != self.world.rank:
+                out.append(d)
+        return out
+
+    @staticmethod
+    def _eta(c: dict) -> float | None:
+        """Seconds this rank still needs in this phase, from its own rate."""
+        if c.get("done_steps", 0) < 3 or not c.get("steps"):
+            return None
+        per_step = (c["seconds"] - c["first_step_seconds"]) / (c["done_steps"] - 1)
+        left = (c["epochs"] - c["epoch"]) * c["steps"] - c["step"] + c.get("left", 0) * c["epochs"] * c["steps"]
+        return max(0.0, left * per_step)
+
+    def _show(self, now: float) -> None:
+        c = self.current
+        if self.terminal:
+            self._bar(c)
+            return
+        if self.interval <= 0 or now - self.last_print < self.interval:
+            return
+        self.last_print = now
+        everyone = [c] + (self._others() if self.phase == "local" else [])
+        etas = [e for e in (self._eta(d) for d in everyone) if e is not None]
+        phase_eta = max(etas) if etas else None
+        rate = c["images"] / max(c["seconds"], 1e-9)
+        parts = [f"{d['label']} epoch {d['epoch'] + 1}/{d['epochs']} step {d['step']}/{d['steps']}"
+                 + (f" (rank {d['rank']})" if d["rank"] != self.world.rank else "") for d in everyone]
+        line = f"[{self.phase}] {'; '.join(parts)}; {rate:.0f} img/s"
+        if phase_eta is not None:
+            line += f"; phase ETA {duration(phase_eta)}"
+            run_eta = self.run_eta(phase_eta)
+            if run_eta is not None:
+                line += f", run ETA ~{duration(run_eta)}"
+        print(line, flush=True)
+
+    def run_eta(self, phase_eta: float) -> float | None:
+        """The phase's ETA plus the remaining phases' work at the FLOP rate measured now."""
+        c = self.current
+        if self.plan is None or not c.get("flops_per_image") or c["seconds"] <= 0:
+            return None
+        rate = 3 * c["images"] * c["flops_per_image"] / c["seconds"]
+        return phase_eta + self.plan.remaining_after(self.phase, self.phases) / rate
+
+    def _bar(self, c: dict) -> None:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return
+        if self.bar is None or self.bar.desc != f"[{self.phase}] {c['label']} epoch {c['epoch'] + 1}/{c['epochs']}":
+            if self.bar is not None:
+                self.bar.close()
+            self.bar = tqdm(total=c["steps"], desc=f"[{self.phase}] {c['label']} epoch {c['epoch'] + 1}/{c['epochs']}",
+                            unit="step", leave=False, dynamic_ncols=True)
+        self.bar.n = c["step"]
+        eta = self._eta(c)
+        self.bar.set_postfix_str(f"{c['images'] / max(c['seconds'], 1e-9):.0f} img/s"
+                                 + (f", phase ETA {duration(eta)}" if eta is not None else ""), refresh=True)

@@ -1,0 +1,96 @@
+"""What a user sees: progress lines in a batch log, TensorBoard event files, file modes that follow the
+umask, a report that names the exported model. One small real 2-rank run, started with umask 027."""
+
+from __future__ import annotations
+
+import glob
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, env_for_tests, mpiexec_path, prepare
+
+pytestmark = pytest.mark.mpi
+
+ARGS = ["--threads", "1", "--set", "local.epochs=2", "--set", "dnn.epochs=20", "--set", "global.epochs=1",
+        "--set", "coherent.scratch.epochs=1", "--set", "coherent.transfer.epochs=1", "--set", "model.widths=8,16,32",
+        "--set", "local.batch_size=16", "--set", "log_interval=0.2"]
+
+
+@pytest.fixture(scope="module")
+def user_run(tmp_path_factory, fashion_dir):
+    base = tmp_path_factory.mktemp("userview")
+    data, run = base / "data", base / "run"
+    old = os.umask(0o027)
+    try:
+        prepare(fashion_dir, data, train=1200, test=400)
+    finally:
+        os.umask(old)
+    cmd = f"umask 027 && exec {mpiexec_path()} -n 2 {sys.executable} -m hpcdd.run --data {data} --out {run} " \
+          + " ".join(ARGS)
+    proc = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, timeout=400, env=env_for_tests(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return data, run, proc
+
+
+def test_batch_log_shows_progress_of_every_rank_with_eta(user_run):
+    out = user_run[2].stdout
+    for phase in ("local", "aggregate", "coherent", "global", "report"):
+        assert f"[{phase}] " in out
+    lines = [ln for ln in out.splitlines() if " img/s; phase ETA " in ln]
+    local = [ln for ln in lines if ln.startswith("[local] ")]
+    assert local and any("(rank 1)" in ln for ln in local), out[-3000:]  # rank 0 shows rank 1's subdomain too
+    assert any(", run ETA ~" in ln for ln in local), local
+    assert any(ln.startswith("[global] global CNN epoch 1/1 step ") for ln in lines), lines
+    assert "outputs of the 4 local CNNs on the train split (1080 samples)" in out
+    assert "[aggregate] DNN epoch 20/20: loss " in out
+
+
+def test_tensorboard_event_files(user_run):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = glob.glob(str(user_run[1] / "tensorboard" / "events.out.tfevents.*"))
+    assert len(files) == 1
+    ea = EventAccumulator(files[0], size_guidance={"images": 1})
+    ea.Reload()
+    tags = ea.Tags()
+    for tag in ("local/subdomain_3/val_acc", "local/subdomain_0/loss", "aggregate/model_dnn/val_acc",
+                "coherent/strategy_scratch/loss", "coherent/strategy_transfer/comm_seconds", "global/images_per_s",
+                "global/lr"):
+        assert tag in tags["scalars"], (tag, tags["scalars"])
+    assert [e.step for e in ea.Scalars("local/subdomain_3/val_acc")] == [1, 2]
+    assert "decomposition" in tags["images"]
+
+
+def test_outputs_follow_the_umask(user_run):
+    data, run, _ = user_run
+
+    def mode(path):
+        return stat.S_IMODE(os.stat(path).st_mode)
+
+    for f in ("results.md", "results.json", "config.json", "model.pt", "state.json", "metrics.jsonl",
+              "plots/accuracy.png", "local/sub_000.pt", "aggregate/probs_test.npz", "ranks.json"):
+        assert mode(run / f) == 0o640, (f, oct(mode(run / f)))
+    for d in (run, run / "local", run / "plots"):
+        assert mode(d) == 0o750, (d, oct(mode(d)))
+    assert mode(data) == 0o750 and mode(data / "manifest.json") == 0o640 and mode(data / "sub_000.h5") == 0o640
+
+
+def test_report_names_the_exported_model(user_run):
+    import json
+
+    run = user_run[1]
+    res = json.load(open(run / "results.json"))
+    method = res["exported_model"]["method"]
+    md = (run / "results.md").read_text()
+    assert f"Exported to model.pt (for hpcdd-predict): {method}, the CNN-DNN with the best validation accuracy" in md
+    best = max((r for r in res["rows"] if r["method"] == "CNN-DNN" or r["method"].startswith("coherent")),
+               key=lambda r: r["val"])
+    assert best["method"] == method
+    for r in res["rows"]:
+        if r.get("best_epoch") == 0:
+            assert f"{r['method']} never beat its starting point" in md
