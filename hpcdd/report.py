@@ -164,22 +164,27 @@ def plots(ctx, results: dict) -> list[str]:
         with open(ctx.layout.metrics) as f:
             dnn = [e for e in map(json.loads, f)
                    if e.get("phase") == "aggregate" and e.get("model") == "dnn" and e.get("event") is None]
-        if dnn:
-            curves.append(("DNN (on local outputs)", dnn, "dnn"))
+    else:
+        dnn = []
     if curves:
         from matplotlib.ticker import MaxNLocator
 
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
+        fig, axes = plt.subplots(1, 3 if dnn else 2, figsize=(14 if dnn else 10, 4.6))
         for label, hist, kind in curves:
             ep = [e["epoch"] for e in hist]
-            style = {"local": dict(lw=0.8, alpha=0.6), "coherent": dict(lw=2), "global": dict(lw=2, ls="--"),
-                     "dnn": dict(lw=1.2, ls=":", color="black")}[kind]
+            style = {"local": dict(lw=0.8, alpha=0.6), "coherent": dict(lw=2), "global": dict(lw=2, ls="--")}[kind]
             axes[0].plot(ep, [e["loss"] for e in hist], label=label, **style)
             axes[1].plot(ep, [e["val_acc"] for e in hist], **style)
         axes[0].set_title("training loss")
         axes[1].set_title("validation accuracy")
         axes[0].set_ylabel("cross-entropy loss (mean over the epoch)")
         axes[1].set_ylabel("accuracy")
+        if dnn:  # the coarse problem trains for many more epochs: its own panel
+            ep = [e["epoch"] for e in dnn]
+            axes[2].plot(ep, [e["loss"] for e in dnn], color="black", label="DNN training loss")
+            axes[2].plot(ep, [e["val_acc"] for e in dnn], color="black", ls=":", label="DNN validation accuracy")
+            axes[2].set_title("DNN on the local outputs")
+            axes[2].set_ylabel("loss / accuracy")
         for a in axes:
             a.set_xlabel("epoch")
             a.xaxis.set_major_locator(MaxNLocator(integer=True))

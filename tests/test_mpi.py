@@ -134,7 +134,7 @@ def test_all_phases_report_and_predict(runs, small_data):
         assert all(f"{v:.4f}" in line for v in tests), (line, row)
     from PIL import Image
 
-    for png, size in (("accuracy.png", (800, 400)), ("training_curves.png", (1000, 460)),
+    for png, size in (("accuracy.png", (800, 400)), ("training_curves.png", (1400, 460)),
                       ("decomposition.png", (400, 400))):
         with Image.open(run_dir / "plots" / png) as im:
             assert im.size == size and len(np.unique(np.asarray(im.convert("L")))) > 8, png  # a drawn picture
