@@ -98,7 +98,7 @@ def summary(manifest: dict, out: str, seconds: float) -> str:
 def run(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     grid = parse_grid(args.grid)
-    check_output(args.out, args.force)
+    check_output(args.out, args.force, [args.input])
     start = time.perf_counter()
     source = load_source(args)
     source.train = subset(source.train, args.max_train, args.seed, "--max-train")

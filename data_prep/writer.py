@@ -51,12 +51,31 @@ class Progress:
             print(file=sys.stderr, flush=True)
 
 
-def check_output(out: str, force: bool) -> None:
-    """Refuse an existing output directory unless ``--force``; the parent must be writable."""
+def is_prep_output(path: str) -> bool:
+    """A directory data_prep wrote: its manifest.json says so."""
+    try:
+        with open(os.path.join(path, MANIFEST_NAME)) as f:
+            m = json.load(f)
+        return "format_version" in m and str(m.get("tool", "")).startswith("hpcdd")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_output(out: str, force: bool, inputs=()) -> None:
+    """Refuse an existing output directory unless ``--force``, and even then anything that is not a
+    data_prep output (or empty) or that holds the input; the parent must be writable."""
     if os.path.exists(out) and not force:
         raise UserError(f"{out}: already exists; choose a new output directory or pass --force to replace it")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"{out}: exists and is not a directory")
+    if os.path.exists(out):
+        real = os.path.realpath(out)
+        if any(os.path.realpath(p) == real or os.path.realpath(p).startswith(real.rstrip(os.sep) + os.sep)
+               for p in inputs):
+            raise UserError(f"{out} --force: the input is inside it; nothing was deleted, choose another output")
+        if os.listdir(out) and not is_prep_output(out):
+            raise UserError(f"{out} --force: not a data_prep output (no manifest.json written by hpcdd-prep); "
+                            f"--force replaces only those, nothing was deleted")
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise UserError(f"{out}: parent directory {parent} does not exist")
@@ -130,7 +149,7 @@ def make_splits(source: Source, val_fraction: float, seed: int) -> dict[str, Spl
 def write_dataset(source: Source, out: str, grid, overlap: int, margin: int, val_fraction: float,
                   seed: int, force: bool = False, full: bool = True, progress: bool | None = None) -> dict:
     """Write manifest.json, sub_XXX.h5 for every subdomain and full.h5; return the manifest."""
-    check_output(out, force)
+    check_output(out, force, source.files)
     x0 = source.train.x
     deco = Decomposition(x0.shape[2:], grid, overlap)
     if margin < 0:

@@ -117,21 +117,43 @@ class Loop:
     on_epoch: Callable[[dict], None] | None = None
     on_resume: Callable[[TrainState], None] | None = None
     on_step: Callable[[int, int, int, int], None] | None = None  # (epoch, step, steps, minibatch rows): progress
+    agree: Callable[[list], tuple | None] | None = None  # per-rank checkpoints: (epoch, step) every rank holds
     event_extra: Callable[[], dict] | None = None  # more fields for each epoch's event (e.g. communication time)
     check_every: int = 1  # steps between finiteness checks (a GPU sync each)
 
 
 def _save(loop: Loop, state: TrainState) -> None:
+    """With per-rank checkpoints (``agree``) the previous one is kept as ``.prev`` until the next is
+    complete, so a rank killed while writing leaves a point that every rank still holds."""
     if loop.checkpoint and loop.writer:
+        if loop.agree is not None and os.path.exists(loop.checkpoint):
+            os.replace(loop.checkpoint, loop.checkpoint + ".prev")
         checkpoint.save({"optimizer": loop.optimizer.state_dict(), "scheduler": loop.scheduler.state_dict(),
                          "rng": rng_state(), "weights": loop.weights(), "state": state.state_dict()}, loop.checkpoint)
 
 
 def resume(loop: Loop, device) -> TrainState | None:
     """The training state of ``loop.checkpoint`` loaded into the loop's models and optimizer, if any."""
-    if not (loop.checkpoint and os.path.exists(loop.checkpoint)):
+    if not loop.checkpoint:
         return None
-    saved = checkpoint.load(loop.checkpoint, map_location=device)
+    files = [p for p in (loop.checkpoint, loop.checkpoint + ".prev") if os.path.exists(p)]
+    if loop.agree is None:
+        files = files[:1] if loop.checkpoint in files else []
+    held = {}
+    for path in files:
+        try:
+            saved = checkpoint.load(path, map_location=device)
+        except UserError:
+            if loop.agree is None:
+                raise
+            continue  # a torn per-rank checkpoint is a point this rank does not hold
+        held.setdefault((int(saved["state"]["epoch"]), int(saved["state"]["step"])), saved)
+    point = max(held) if loop.agree is None and held else None
+    if loop.agree is not None:
+        point = loop.agree(sorted(held))  # collective: the newest point every rank holds, or None
+    if point is None:
+        return None
+    saved = held[point]
     loop.optimizer.load_state_dict(saved["optimizer"])
     loop.scheduler.load_state_dict(saved["scheduler"])
     set_rng_state(saved["rng"])

@@ -7,6 +7,7 @@ waiting in a collective.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 
@@ -70,6 +71,30 @@ def _needs(cfg: Config, state: RunState) -> None:
                             f"{'them' if len(missing) > 1 else 'it'}{hint}")
 
 
+def inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def is_run_dir(path: str) -> bool:
+    """A directory hpcdd-run created: its config.json says so."""
+    try:
+        with open(RunLayout(path).config) as f:
+            return str(json.load(f).get("meta", {}).get("tool", "")).startswith("hpcdd")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_replaceable(out: str, data: str) -> None:
+    """--force replaces only what hpcdd-run made (or an empty folder), never the data it reads."""
+    if data and inside(data, out):
+        raise UserError(f"--out {out} --force: {out} is or holds the data directory {data}; nothing was deleted, "
+                        f"choose another run directory")
+    if os.listdir(out) and not is_run_dir(out):
+        raise UserError(f"--out {out} --force: not an hpcdd run directory (no config.json written by hpcdd-run); "
+                        f"--force replaces only runs, nothing was deleted")
+
+
 def _check_run_dir(cfg: Config, resume: bool, force: bool) -> RunState:
     out = cfg.out
     layout = RunLayout(out)
@@ -83,6 +108,7 @@ def _check_run_dir(cfg: Config, resume: bool, force: bool) -> RunState:
                             f"--resume {out}, or replace it with --force")
         if not os.path.isdir(out):
             raise UserError(f"--out {out}: exists and is not a directory")
+        check_replaceable(out, cfg.data)
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise UserError(f"--out {out}: parent directory {parent} does not exist")

@@ -269,6 +269,8 @@ def _bad_inputs(tmp, fashion_dir, x, y):
     (tmp / "exists").mkdir()
     (tmp / "exists" / "keep.txt").write_text("user data")
     cases.append(("output exists", ["idx", good, tmp / "exists"]))
+    cases.append(("force on a user folder", ["idx", good, tmp / "exists", "--force"]))
+    cases.append(("force on the input folder", ["idx", good, good, "--force"]))
     return [(name, args if "--grid" in args else args + ["--grid", "2x2"]) for name, args in cases]
 
 
@@ -297,6 +299,8 @@ BAD_INPUT_MESSAGES = {
     "corrupt cifar pickle": "cifar/batches.meta: corrupt or truncated pickle",
     "unknown source": "invalid choice: 'tfrecord'",
     "output exists": "{tmp}/exists: already exists",
+    "force on a user folder": "{tmp}/exists --force: not a data_prep output",
+    "force on the input folder": "{tmp}/good --force: the input is inside it; nothing was deleted",
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -230,3 +231,39 @@ def test_signal_to_a_waiting_rank_stops_dnn_training_and_resumes_identically(sma
     a = torch.load(os.path.join(ref, "aggregate", "dnn.pt"), weights_only=True)["model"]
     b = torch.load(os.path.join(run, "aggregate", "dnn.pt"), weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_agrees_on_a_checkpoint_every_rank_holds(small_data, reference, tmp_path):
+    """A rank killed while writing its coherent checkpoint leaves the ranks one checkpoint apart: every
+    rank resumes from the newest point all of them hold (the previous one is kept until the next is
+    complete), and the run ends as the uninterrupted one."""
+    run = str(tmp_path / "run")
+    proc = start(["--data", small_data, "--out", run, *CFG])
+    ckpts = [os.path.join(run, "coherent", "scratch", f"rank_{r:04d}.ckpt.pt") for r in (0, 1)]
+    wait_for(proc, lambda: all(os.path.exists(c) for c in ckpts))
+    time.sleep(0.5)  # some steps into the next epoch
+    os.kill(rank_pids(run)[0], signal.SIGUSR1)
+    code, out, err = finish(proc, 120)
+    assert code == 75, err[-3000:]
+    newest = torch.load(ckpts[1], weights_only=True)["state"]
+    previous = torch.load(ckpts[1] + ".prev", weights_only=True)["state"]
+    assert (newest["epoch"], newest["step"]) > (previous["epoch"], previous["step"]), (newest, previous)
+    os.replace(ckpts[1] + ".prev", ckpts[1])  # rank 1 lost its newest checkpoint; rank 0 holds both
+    code, out, err = finish(start(["--resume", run]), 300)
+    assert code == 0, err[-3000:]
+    assert ("coherent", "scratch", previous["epoch"], previous["step"]) in resumes(run), resumes(run)
+    assert_identical(reference, run)
+
+
+def test_a_diverging_loss_stops_the_run_with_one_line(small_data, tmp_path):
+    """A learning rate that makes the loss NaN ends the run with one line naming the training, epoch and step."""
+    args = ["-m", "hpcdd.run", "--data", small_data, "--phases", "local", "--threads", "1",
+            "--set", "local.optimizer=sgd", "--set", "local.lr=1e6", "--set", "model.widths=8,16,32"]
+    proc = run_python([*args, "--out", str(tmp_path / "one")], timeout=120)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert re.match(r"error: local subdomain 0: the training loss became (nan|inf) in epoch 1, by step \d+;", lines[0])
+    proc = run_python([*args, "--out", str(tmp_path / "two")], ranks=2, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.search(r"error: rank [01]: local subdomain [02]: the training loss became (nan|inf) in epoch 1",
+                     proc.stderr), proc.stderr[-3000:]

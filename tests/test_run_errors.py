@@ -88,6 +88,11 @@ def corpus(small_data, tmp_path_factory, fashion_dir):
     (run_dir / "config.json").write_text(json.dumps(cfg))
     (run_dir / "state.json").write_text(json.dumps({"phases": {}}))
     d["run"] = run_dir
+    d["userdir"] = base / "userdir"
+    d["userdir"].mkdir()
+    (d["userdir"] / "thesis.tex").write_text("years of work")
+    d["data_parent"] = base / "data_parent"
+    shutil.copytree(small_data, d["data_parent"] / "data")
     run_bad = base / "run_on_truncated_data"
     run_bad.mkdir()
     (run_bad / "config.json").write_text(json.dumps(dict(cfg, data=str(d["truncated"]), out=str(run_bad))))
@@ -143,6 +148,10 @@ CASES = [
     ("manifest of one class", ["--data", "{classes_one}"], 'manifest.json: classes = ["all"]: expected a list of', 2),
     ("inf pixels", ["--data", "{nan}"], "contains NaN or Inf pixels", 2),
     ("run exists", ["--out", "{run}"], "already exists", 2),
+    ("force on a user folder", ["--out", "{userdir}", "--force"], "--force: not an hpcdd run directory", 2),
+    ("force on the data directory", ["--out", "{good}", "--force"], "is or holds the data directory", 2),
+    ("force on a parent of the data", ["--data", "{data_parent}/data", "--out", "{data_parent}", "--force"],
+     "is or holds the data directory", None),
     ("out not writable", ["--out", "/proc/hpcdd-run"], "cannot write in /proc", None),
     ("resume with other settings", ["--resume", "{run}", "--set", "local.epochs=9"], "--resume takes its configuration", None),
     ("resume of nothing", ["--resume", "{new}/never"], "no {new}/never/config.json", None),
@@ -159,14 +168,15 @@ def test_bad_input(corpus, tmp_path, name, args, needle, ranks):
         args = ["--data", paths["good"]] + args
     if "--out" not in args and "--resume" not in args:
         args = ["--out", str(tmp_path / "run")] + args
-    before = [snapshot(corpus["run"]), snapshot(corpus["run_bad"])]
+    kept = ("run", "run_bad", "userdir", "data_parent", "good")
+    before = [snapshot(corpus[k]) for k in kept]
     proc = hpcdd_run(*args, "--threads", "1", ranks=ranks)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2, f"{name}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
     assert len(lines) == 1 and lines[0].startswith("error: "), f"{name}: {proc.stderr[-3000:]}"
     assert needle in lines[0], lines[0]
     assert not (tmp_path / "run").exists()
-    assert [snapshot(corpus["run"]), snapshot(corpus["run_bad"])] == before
+    assert [snapshot(corpus[k]) for k in kept] == before
 
 
 def test_disk_too_full_is_refused(small_data, tmp_path, monkeypatch):

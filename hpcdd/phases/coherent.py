@@ -40,6 +40,13 @@ def coherent_accuracy(ctx, model: DistributedCoherent, split: str) -> float:
     return float(ctx.world.bcast_obj(acc))
 
 
+def common_point(world, points: list) -> tuple | None:
+    """The newest (epoch, step) checkpoint every rank holds (None: start afresh on every rank)."""
+    held = [set(map(tuple, p)) for p in world.allgather_obj([list(p) for p in points])]
+    common = set.intersection(*held) if held else set()
+    return max(common) if common else None
+
+
 def weights_of(model: DistributedCoherent) -> dict:
     return {"local": {i: m.state_dict() for i, m in model.local_models.items()}, "dnn": model.dnn.state_dict()}
 
@@ -107,6 +114,7 @@ def train_coherent(ctx, strategy: str, t) -> None:
         if own.replicas > 1 else None,
         stop=ctx.stop_collective(), on_epoch=on_epoch, on_resume=ctx.resume_logger("coherent", strategy=strategy),
         event_extra=lambda: {"comm_seconds": model.comm_time}, check_every=1 if str(device) == "cpu" else 25,
+        agree=lambda points: common_point(world, points),
         on_step=ctx.training(f"coherent {strategy}", t.epochs, model.local_models, share=1 / own.replicas))
     state = run_loop(loop, device, start)
     ctx.progress.end_training()
@@ -125,8 +133,9 @@ def train_coherent(ctx, strategy: str, t) -> None:
                               layout.result("coherent", strategy))
         ctx.log(f"[coherent {strategy}] best val {state.best_val:.4f} (epoch {state.best_epoch}), test {test:.4f}")
     ctx.sync()
-    if os.path.exists(ckpt):
-        os.unlink(ckpt)
+    for path in (ckpt, ckpt + ".prev"):
+        if os.path.exists(path):
+            os.unlink(path)
 
 
 def run(ctx) -> None:
