@@ -21,6 +21,7 @@ from torch import nn
 from .collectives import allgather_rows
 from .ownership import slice_rows
 from .rng import TAG_COHERENT, TAG_DNN, seed_torch
+from .training import logits_of
 
 
 def dnn_view(logits: torch.Tensor, kind: str) -> torch.Tensor:
@@ -128,18 +129,8 @@ class DistributedCoherent:
         optimizer.step()
         return loss.detach(), out.detach()
 
-    @torch.no_grad()
     def local_outputs(self, data: dict, rows: np.ndarray, device, batch_size: int) -> np.ndarray:
         """(n_owned, len(rows), K) DNN inputs of this rank's local CNNs (eval mode)."""
-        outs = []
-        for i in sorted(self.local_models):
-            model = self.local_models[i]
-            was = model.training
-            model.eval()
-            parts = []
-            for a in range(0, len(rows), batch_size):
-                x, _ = data[i].batch(rows[a:a + batch_size])
-                parts.append(dnn_view(model(x.to(device)), self.dnn_input).float().cpu())
-            model.train(was)
-            outs.append(torch.cat(parts).numpy())
+        outs = [dnn_view(torch.from_numpy(logits_of(self.local_models[i], data[i], device, batch_size, rows)),
+                         self.dnn_input).numpy() for i in sorted(self.local_models)]
         return np.stack(outs) if outs else np.zeros((0, len(rows), 0), np.float32)

@@ -10,6 +10,10 @@ import os
 from dataclasses import dataclass
 
 
+def _at(*parts: str) -> property:
+    return property(lambda self: self.path(*parts))
+
+
 @dataclass(frozen=True)
 class RunLayout:
     root: str
@@ -18,55 +22,18 @@ class RunLayout:
         return os.path.join(self.root, *parts)
 
     # files of the whole run (rank 0 writes them)
-    @property
-    def config(self) -> str:
-        return self.path("config.json")
-
-    @property
-    def state(self) -> str:
-        return self.path("state.json")
-
-    @property
-    def metrics(self) -> str:
-        return self.path("metrics.jsonl")
-
-    @property
-    def ranks(self) -> str:
-        return self.path("ranks.json")
-
-    @property
-    def failed(self) -> str:
-        return self.path("FAILED")
-
-    @property
-    def failed_previous(self) -> str:
-        return self.path("FAILED.previous")
-
-    @property
-    def results_json(self) -> str:
-        return self.path("results.json")
-
-    @property
-    def results_md(self) -> str:
-        return self.path("results.md")
-
-    @property
-    def progress(self) -> str:
-        """rank_RRRR.json: each rank's counters of its current training (hpcdd.progress)."""
-        return self.path("progress")
-
-    @property
-    def tensorboard(self) -> str:
-        return self.path("tensorboard")
-
-    @property
-    def plots(self) -> str:
-        return self.path("plots")
-
-    @property
-    def model(self) -> str:
-        """The exported CNN-DNN (``hpcdd.export``)."""
-        return self.path("model.pt")
+    config = _at("config.json")
+    state = _at("state.json")
+    metrics = _at("metrics.jsonl")
+    ranks = _at("ranks.json")
+    failed = _at("FAILED")
+    failed_previous = _at("FAILED.previous")
+    results_json = _at("results.json")
+    results_md = _at("results.md")
+    progress = _at("progress")  # rank_RRRR.json: counters of each rank's training (hpcdd.progress)
+    tensorboard = _at("tensorboard")
+    plots = _at("plots")
+    model = _at("model.pt")  # the exported CNN-DNN (hpcdd.export)
 
     # phase directories
     def phase_dir(self, phase: str, *sub: str) -> str:
@@ -84,13 +51,8 @@ class RunLayout:
         return self.path("local", f"sub_{i:03d}.ckpt.pt")
 
     # aggregate
-    @property
-    def dnn(self) -> str:
-        return self.path("aggregate", "dnn.pt")
-
-    @property
-    def dnn_checkpoint(self) -> str:
-        return self.path("aggregate", "dnn.ckpt.pt")
+    dnn = _at("aggregate", "dnn.pt")
+    dnn_checkpoint = _at("aggregate", "dnn.ckpt.pt")
 
     def probs(self, split: str) -> str:
         return self.path("aggregate", f"probs_{split}.npz")
@@ -106,13 +68,8 @@ class RunLayout:
         return self.path("coherent", strategy, f"rank_{rank:04d}.ckpt.pt")
 
     # global
-    @property
-    def global_model(self) -> str:
-        return self.path("global", "model.pt")
-
-    @property
-    def global_checkpoint(self) -> str:
-        return self.path("global", "model.ckpt.pt")
+    global_model = _at("global", "model.pt")
+    global_checkpoint = _at("global", "model.ckpt.pt")
 
     def local_models_of(self, method: str) -> tuple[callable, str]:
         """(subdomain -> local CNN file, DNN file) of a CNN-DNN row of the report."""
