@@ -78,6 +78,12 @@ class Group:
             grads.append(p.grad)
         self.mean_(grads, 1)
 
+    def gather_obj(self, obj, root: int = 0) -> list | None:
+        """Every worker's small object, in worker order, at ``root`` (None elsewhere)."""
+        if self.size == 1:
+            return [obj]
+        return self.comm.gather(obj, root=root)
+
     def idle_barrier(self, poll: float = 0.005, while_waiting=None) -> None:
         """A barrier that sleeps while it waits: ranks that finish early do not spin on the cores
         the others still train on (MPI's blocking Barrier busy-polls). ``while_waiting()`` is called

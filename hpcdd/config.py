@@ -93,6 +93,7 @@ class Config:
     num_classes: int = 0  # 0: from the data; otherwise checked against it
     log_interval: float = 30.0  # seconds between progress lines in batch logs (0: none); a terminal gets a bar
     tensorboard: bool = True  # event files under RUN/tensorboard when the tensorboard package is installed
+    watchdog_timeout: float = 1800.0  # seconds without progress on any rank before the job is ended (0: never)
     model: ModelConfig = field(default_factory=ModelConfig)
     local: TrainConfig = field(default_factory=TrainConfig)
     dnn: DNNConfig = field(default_factory=DNNConfig)
@@ -252,6 +253,7 @@ def validate(cfg: Config) -> None:
         (cfg.memory_limit_gb > 0, f"memory_limit_gb = {cfg.memory_limit_gb}: expected a positive size"),
         (cfg.num_classes >= 0, f"num_classes = {cfg.num_classes}: expected 0 (from the data) or a class count"),
         (cfg.log_interval >= 0, f"log_interval = {cfg.log_interval}: expected 0 (off) or a number of seconds"),
+        (cfg.watchdog_timeout >= 0, f"watchdog_timeout = {cfg.watchdog_timeout}: expected 0 (off) or a number of seconds"),
         (cfg.eval_batch_size >= 1, f"eval_batch_size = {cfg.eval_batch_size}: expected a positive batch size"),
         (m.family in FAMILIES, f"model.family = {m.family!r}: expected one of {', '.join(FAMILIES)}"),
         (bool(m.widths) and all(w >= 1 for w in m.widths), f"model.widths = {m.widths}: expected positive widths"),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import UserError
+from .watchdog import alive
 from .manifest import FORMAT_VERSION, Manifest
 
 DEFAULT_MEMORY_LIMIT = 4 << 30
@@ -41,8 +42,15 @@ class ShardReader:
                 raise UserError(f"{self.path}: missing shard; re-run data_prep for {self.data_dir}")
             try:
                 self._file = h5py.File(self.path, "r")
+                prep_id = self._file.attrs.get("prep_id")
             except OSError as e:
                 raise UserError(f"{self.path}: not a readable HDF5 file ({_short(e)})") from None
+            prep_id = prep_id.decode() if isinstance(prep_id, bytes) else prep_id
+            if prep_id is not None and prep_id != self.manifest.prep_id:
+                self.close()
+                raise UserError(f"{self.path}: holds prep id {prep_id} but the manifest says {self.manifest.prep_id}: "
+                                f"shards come from different data_prep runs (or {self.data_dir} was prepared again "
+                                f"while the run reads it; stopped so results do not mix two preparations)")
         return self._file
 
     def close(self) -> None:
@@ -136,6 +144,7 @@ class ShardReader:
         g = self._group(split)
         n = g["x"].shape[0]
         for a in range(0, n, rows_per_read):
+            alive()
             yield g["x"][a:a + rows_per_read], g["y"][a:a + rows_per_read], g["sample_id"][a:a + rows_per_read]
 
     def nbytes(self, split: str) -> int:

@@ -120,16 +120,50 @@ class Loop:
     agree: Callable[[list], tuple | None] | None = None  # per-rank checkpoints: (epoch, step) every rank holds
     event_extra: Callable[[], dict] | None = None  # more fields for each epoch's event (e.g. communication time)
     check_every: int = 1  # steps between finiteness checks (a GPU sync each)
+    workers: object = None  # data-parallel Group whose workers each hold part of a mid-epoch state
+    worker_state: Callable[[], dict] | None = None  # what one worker holds alone (e.g. its BatchNorm buffers)
+    load_worker_state: Callable[[dict], None] | None = None
+
+
+def _data_parallel(loop: Loop) -> bool:
+    return loop.workers is not None and loop.workers.size > 1
 
 
 def _save(loop: Loop, state: TrainState) -> None:
     """With per-rank checkpoints (``agree``) the previous one is kept as ``.prev`` until the next is
-    complete, so a rank killed while writing leaves a point that every rank still holds."""
-    if loop.checkpoint and loop.writer:
+    complete, so a rank killed while writing leaves a point that every rank still holds.
+
+    Mid-epoch (a preemption) the data-parallel workers differ in their own accumulators and
+    BatchNorm statistics: the writer saves every worker's (a collective), so the resumed epoch ends
+    exactly as the uninterrupted one."""
+    if not loop.checkpoint:
+        return
+    workers = None
+    if _data_parallel(loop) and state.partial is not None:
+        mine = dict(loop.worker_state() if loop.worker_state is not None else {}, partial=state.partial)
+        workers = loop.workers.gather_obj(mine)
+    if loop.writer:
         if loop.agree is not None and os.path.exists(loop.checkpoint):
             os.replace(loop.checkpoint, loop.checkpoint + ".prev")
-        checkpoint.save({"optimizer": loop.optimizer.state_dict(), "scheduler": loop.scheduler.state_dict(),
-                         "rng": rng_state(), "weights": loop.weights(), "state": state.state_dict()}, loop.checkpoint)
+        saved = {"optimizer": loop.optimizer.state_dict(), "scheduler": loop.scheduler.state_dict(),
+                 "rng": rng_state(), "weights": loop.weights(), "state": state.state_dict()}
+        if workers is not None:
+            saved["workers"] = workers
+        checkpoint.save(saved, loop.checkpoint)
+
+
+def _load_worker(loop: Loop, saved: dict, state: TrainState) -> None:
+    """This worker's part of a mid-epoch data-parallel checkpoint."""
+    workers = saved.get("workers")
+    if workers is None or not _data_parallel(loop):
+        return
+    if len(workers) != loop.workers.size:
+        raise UserError(f"{loop.checkpoint}: stopped mid-epoch with {len(workers)} data-parallel workers for "
+                        f"{loop.name}, now {loop.workers.size}; resume with the ranks the run had")
+    mine = workers[loop.workers.rank]
+    state.partial = mine["partial"]
+    if loop.load_worker_state is not None:
+        loop.load_worker_state(mine)
 
 
 def resume(loop: Loop, device) -> TrainState | None:
@@ -160,6 +194,7 @@ def resume(loop: Loop, device) -> TrainState | None:
     loop.load_weights(saved["weights"])
     state = TrainState()
     state.load_state_dict(saved["state"])
+    _load_worker(loop, saved, state)
     if loop.on_resume is not None:
         loop.on_resume(state)
     return state

@@ -27,10 +27,12 @@ class RunLayout:
     metrics = _at("metrics.jsonl")
     ranks = _at("ranks.json")
     failed = _at("FAILED")
+    lock = _at("LOCK")  # the process that owns the run directory now (hpcdd.watchdog)
     failed_previous = _at("FAILED.previous")
     results_json = _at("results.json")
     results_md = _at("results.md")
-    progress = _at("progress")  # rank_RRRR.json: counters of each rank's training (hpcdd.progress)
+    progress = _at("progress")  # rank_RRRR.json: training counters (hpcdd.progress); alive_RRRR.json: heartbeats
+    # and stack_RRRR.txt: Python stacks dumped by the watchdog (hpcdd.watchdog)
     tensorboard = _at("tensorboard")
     plots = _at("plots")
     model = _at("model.pt")  # the exported CNN-DNN (hpcdd.export)

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import checkpoint
+from .watchdog import alive
 
 
 def forward_flops(model, shape) -> float:
@@ -83,6 +84,7 @@ class Progress:
 
     # ------------------------------------------------------------------ every rank
     def start_phase(self, phase: str) -> None:
+        alive()
         self.phase, self.phase_started = phase, time.perf_counter()
         self.last_print = time.perf_counter()
 
@@ -94,6 +96,7 @@ class Progress:
         self._t0 = time.perf_counter()
 
     def step(self, epoch: int, step: int, steps: int, rows: int) -> None:
+        alive()
         c = self.current
         if not c:
             return
@@ -122,6 +125,8 @@ class Progress:
         out = []
         directory = self.layout.progress
         for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+            if not (name.startswith("rank_") and name.endswith(".json")):
+                continue
             try:
                 with open(os.path.join(directory, name)) as f:
                     d = json.load(f)

@@ -124,8 +124,13 @@ def main(argv=None) -> int:
         report_failure(world, e)
     finally:
         if ctx is not None:
+            ctx.watchdog.stop()
             ctx.data.release(everything=True)
             ctx.events.close()
+            if ctx.world.is_root:
+                from .watchdog import release
+
+                release(ctx.layout)
     return 0
 
 

@@ -28,6 +28,7 @@ from .parallel import World
 from .phases import BY_NAME
 from .phases.context import RunContext, RunState
 from .progress import Progress, make_plan
+from .watchdog import Watchdog, acquire, beat_interval, check_unlocked
 
 
 def _validate_data(cfg: Config, world: World) -> Manifest:
@@ -100,6 +101,7 @@ def _check_run_dir(cfg: Config, resume: bool, force: bool) -> RunState:
     layout = RunLayout(out)
     state = RunState(layout.state)
     if resume:
+        check_unlocked(layout, f"--resume {out}")
         if os.path.exists(layout.state):
             state = RunState.read(layout.state)
     elif os.path.exists(out):
@@ -109,6 +111,7 @@ def _check_run_dir(cfg: Config, resume: bool, force: bool) -> RunState:
         if not os.path.isdir(out):
             raise UserError(f"--out {out}: exists and is not a directory")
         check_replaceable(out, cfg.data)
+        check_unlocked(layout, f"--out {out} --force")
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise UserError(f"--out {out}: parent directory {parent} does not exist")
@@ -148,6 +151,23 @@ def check_resume(cfg: Config, manifest: Manifest) -> None:
                         f"{cfg.data} now has {manifest.prep_id}; the shards were prepared again")
 
 
+def check_data_unchanged(ctx: RunContext, phase: str) -> None:
+    """Collective, at every phase start: the data directory still holds the preparation the run began on
+    (``data_prep --force`` into DATA during a run replaces it whole; open files keep the old one)."""
+    def check():
+        try:
+            now = load_manifest(ctx.cfg.data).prep_id
+        except UserError as e:
+            raise UserError(f"{ctx.cfg.data} changed during the run and is no longer readable ({e}); "
+                            f"stopped before the {phase} phase") from None
+        if now != ctx.manifest.prep_id:
+            raise UserError(f"{ctx.cfg.data} was prepared again during the run (prep id {ctx.manifest.prep_id} -> "
+                            f"{now}); stopped before the {phase} phase so results do not mix two preparations; "
+                            f"start a new run on the new data")
+
+    ctx.world.checked(check)
+
+
 def prepare(cfg: Config, world: World, resume: bool = False, force: bool = False) -> RunContext:
     """Validate data, configuration and run directory on every rank; then rank 0 creates RUN."""
     def check():
@@ -160,11 +180,22 @@ def prepare(cfg: Config, world: World, resume: bool = False, force: bool = False
 
     manifest, state = world.checked(check)
     layout = RunLayout(cfg.out)
-    if world.is_root:
+    beat = beat_interval(cfg.watchdog_timeout)
+
+    def create():
+        """Rank 0 takes the run directory: created (or replaced) and locked, or locked on resume."""
+        if not world.is_root:
+            return
         if not resume:
             if os.path.exists(cfg.out):
                 shutil.rmtree(cfg.out)
-            os.makedirs(cfg.out)
+            try:
+                os.makedirs(cfg.out)
+            except FileExistsError:
+                raise UserError(f"--out {cfg.out}: another process created it meanwhile; choose a new run "
+                                f"directory") from None
+        acquire(layout, beat, f"--resume {cfg.out}" if resume else f"--out {cfg.out}")
+        if not resume:
             meta = {"tool": f"hpcdd {__version__}", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "ranks": world.size, "threads_per_rank": world.threads, "device": str(world.device),
                     "host": platform.node(), "prep_id": manifest.prep_id}
@@ -172,7 +203,10 @@ def prepare(cfg: Config, world: World, resume: bool = False, force: bool = False
             checkpoint.write_json(state.values, layout.state)
         elif os.path.exists(layout.failed):  # the failure of the run being resumed
             os.replace(layout.failed, layout.failed_previous)
-        os.makedirs(layout.progress, exist_ok=True)
+        shutil.rmtree(layout.progress, ignore_errors=True)  # counters and heartbeats of an earlier attempt
+        os.makedirs(layout.progress)
+
+    world.checked(create)
     procs = world.allgather_obj({"rank": world.rank, "host": platform.node(), "pid": os.getpid(),
                                  "local_rank": world.info.local_rank, "device": str(world.device)})
     if world.is_root:  # maps the PID or host an MPI launcher names when a rank dies to its rank
@@ -181,6 +215,7 @@ def prepare(cfg: Config, world: World, resume: bool = False, force: bool = False
     from .preemption import StopFlag, parse_signals
 
     ctx = RunContext(cfg, world, layout, manifest, state, stop=StopFlag(world, parse_signals(cfg.preemption.signals)))
+    ctx.watchdog = Watchdog(layout, world, cfg.watchdog_timeout, procs, beat).start()
     plan = make_plan(cfg, manifest, ctx.models, world.own.table, world.size) if world.is_root else None
     ctx.progress = Progress(layout, world, cfg.phases, plan, cfg.log_interval)
     if world.is_root and manifest.full:
@@ -204,8 +239,10 @@ def run_phases(ctx: RunContext) -> None:
         if ctx.state.done(phase) and phase != "report":
             ctx.log(f"[{phase}] already complete, skipped")
             continue
+        check_data_unchanged(ctx, phase)
         ctx.log(f"[{phase}] {BY_NAME[phase].summary}")
         ctx.progress.start_phase(phase)
+        ctx.watchdog.where = f"the {phase} phase"
         t0 = time.perf_counter()
         try:
             BY_NAME[phase].function()(ctx)

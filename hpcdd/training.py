@@ -18,6 +18,7 @@ from .collectives import Group
 from .engine import Loop, TrainState, make_optimizer, make_scheduler, run_loop
 from .ownership import slice_rows
 from .rng import Stream, seed_torch
+from .watchdog import alive
 
 
 @torch.no_grad()
@@ -28,6 +29,7 @@ def logits_of(model, data, device, batch_size: int, rows: np.ndarray | None = No
     model.eval()
     out = []
     for a in range(0, len(rows), batch_size):
+        alive()
         x, _ = data.batch(rows[a:a + batch_size])
         out.append(model(x.to(device, non_blocking=True)).float().cpu())
     model.train(was)
@@ -115,5 +117,7 @@ def fit(model, spec: Fit) -> TrainState:
         writer=spec.writer, reduce=group.sum if group.size > 1 else None,
         end_epoch=(lambda: group.mean_(buffers_of(model))) if group.size > 1 else None,
         stop=spec.stop, on_epoch=spec.on_epoch, on_resume=spec.on_resume, on_step=spec.on_step,
-        check_every=1 if str(device) == "cpu" else 25)
+        check_every=1 if str(device) == "cpu" else 25, workers=group,
+        worker_state=lambda: {"buffers": [b.detach().cpu().clone() for b in buffers_of(model)]},
+        load_worker_state=lambda mine: [b.copy_(v) for b, v in zip(buffers_of(model), mine["buffers"])])
     return run_loop(loop, device)

@@ -86,7 +86,9 @@ def test_shards_from_another_preparation_are_refused(tmp_path, data, fashion_dir
     prepare(fashion_dir, other, grid="2x2", overlap=1, train=400, test=100, extra=("--seed", "5", "--margin", "2"))
     shutil.copy(other / "sub_003.h5", data / "sub_003.h5")
     m = load_manifest(str(data))
-    with pytest.raises(UserError, match="different data_prep runs"):
+    new = json.load(open(other / "manifest.json"))["prep_id"]
+    # found when the file is opened (at validation, or when a run reopens a shard replaced under it)
+    with pytest.raises(UserError, match=f"sub_003.h5: holds prep id {new} but the manifest says {m.prep_id}: "):
         ShardReader(m, 3).validate()
 
 

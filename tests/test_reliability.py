@@ -267,3 +267,121 @@ def test_a_diverging_loss_stops_the_run_with_one_line(small_data, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert re.search(r"error: rank [01]: local subdomain [02]: the training loss became (nan|inf) in epoch 1",
                      proc.stderr), proc.stderr[-3000:]
+
+
+def epoch_events(run):
+    """Every epoch event of metrics.jsonl without its timings, in order."""
+    lines = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    return [strip(e) for e in lines if "epoch" in e and e.get("event") != "resume"]
+
+
+def preempt(proc, run, ready, rank, what):
+    """SIGUSR1 to ``rank`` once ``ready()``; the run must checkpoint and exit 75."""
+    wait_for(proc, lambda: ready() and rank in rank_pids(run))
+    os.kill(rank_pids(run)[rank], signal.SIGUSR1)
+    code, out, err = finish(proc, 180)
+    assert code == 75, f"stop in {what}: exit {code}\n{out[-3000:]}\n{err[-3000:]}"
+    return json.load(open(os.path.join(run, "state.json")))["preempted"]["phase"]
+
+
+@pytest.mark.parametrize("ranks", [4, 8])
+def test_preemption_in_every_phase_resumes_exactly(small_data, tmp_path, ranks):
+    """A stop in each phase in turn (local, the DNN, coherent, global), each resumed: the results,
+    every weight and BatchNorm statistic, and every epoch's loss and accuracy equal an uninterrupted
+    run's. On 8 ranks the local CNNs have two data-parallel replicas each and the global CNN eight
+    workers, so a mid-epoch stop must save every worker's statistics, not only the writer's."""
+    cfg = [*CFG, "--set", "dnn.epochs=200", "--set", "global.epochs=3", "--set", "local.epochs=3"]
+    ref = str(tmp_path / "ref")
+    require_ok(run_python(["-m", "hpcdd.run", "--data", small_data, "--out", ref, *cfg], ranks=ranks, timeout=900))
+    run = str(tmp_path / "run")
+    layout = os.path.join
+    stops = [("local", lambda: glob.glob(layout(run, "local", "sub_*.ckpt.pt")), ranks - 1),
+             ("aggregate", lambda: os.path.exists(layout(run, "aggregate", "dnn.ckpt.pt")), 1),
+             ("coherent", lambda: os.path.exists(layout(run, "coherent", "scratch", "rank_0000.ckpt.pt")), 0),
+             ("global", lambda: os.path.exists(layout(run, "global", "model.ckpt.pt")), ranks - 1)]
+    for n, (phase, ready, rank) in enumerate(stops):
+        proc = start(["--data", small_data, "--out", run, *cfg] if n == 0 else ["--resume", run], ranks=ranks)
+        assert preempt(proc, run, ready, rank, phase) == phase
+        if phase in ("local", "global"):
+            ckpts = [torch.load(p, weights_only=True) for p in glob.glob(layout(run, phase, "*.ckpt.pt"))]
+            mid = [c for c in ckpts if c["state"]["step"] > 0]
+            assert mid, [c["state"]["step"] for c in ckpts]  # stopped mid-epoch
+            if phase == "global" or ranks == 8:
+                workers = ranks if phase == "global" else 2
+                assert all(len(c["workers"]) == workers for c in mid), [len(c.get("workers", [])) for c in mid]
+    code, out, err = finish(start(["--resume", run], ranks=ranks), 600)
+    assert code == 0, err[-3000:]
+    assert {r[0] for r in resumes(run)} == {"local", "aggregate", "coherent", "global"}, resumes(run)
+    assert_identical(ref, run)
+    assert epoch_events(ref) == epoch_events(run)
+
+
+def test_a_stopped_rank_is_named_and_the_job_ends(small_data, tmp_path):
+    """SIGSTOP (a rank stuck in a file system looks the same): the watchdog ends the job, naming the
+    silent rank, after the live ranks dumped their Python stacks."""
+    run = str(tmp_path / "run")
+    proc = start(["--data", small_data, "--out", run, *CFG, "--set", "local.epochs=6", "--set", "watchdog_timeout=6"])
+    try:
+        wait_for(proc, lambda: glob.glob(os.path.join(run, "local", "sub_*.ckpt.pt")) and len(rank_pids(run)) == 2)
+        pid = rank_pids(run)[1]
+        t0 = time.time()
+        os.kill(pid, signal.SIGSTOP)
+        code, out, err = finish(proc, 120)
+    finally:
+        if proc.poll() is None:
+            kill_all(proc)
+    assert code != 0 and time.time() - t0 < 90, (code, time.time() - t0)
+    report = open(os.path.join(run, "FAILED")).read()
+    assert "no rank made progress for 6 s" in report and f"rank 1 (pid {pid} on " in report, report
+    assert "rank 0 (" not in report
+    assert "Traceback" not in err or "File " in err  # the dumped stacks, not a Python error
+    stack = open(os.path.join(run, "progress", "stack_0000.txt")).read()
+    assert "File " in stack and "hpcdd" in stack, stack[:2000]
+
+
+def test_a_running_run_is_locked(small_data, tmp_path):
+    """A second --resume or --force of a running run is refused in one line; once its owner is dead
+    (SIGKILL), its lock is stale and --resume continues the run."""
+    run = str(tmp_path / "run")
+    proc = start(["--data", small_data, "--out", run, *CFG, "--set", "local.epochs=6"])
+    try:
+        wait_for(proc, lambda: os.path.exists(os.path.join(run, "LOCK")) and rank_pids(run))
+        owner = json.load(open(os.path.join(run, "LOCK")))
+        assert owner["pid"] == rank_pids(run)[0], owner
+        for args in (["--resume", run], ["--data", small_data, "--out", run, "--force"]):
+            second = run_python(["-m", "hpcdd.run", *args], timeout=120)
+            lines = [ln for ln in second.stderr.splitlines() if ln.strip()]
+            assert second.returncode == 2 and len(lines) == 1, second.stderr[-2000:]
+            assert f"is in use by a running hpcdd-run (pid {owner['pid']} on " in lines[0], lines
+        assert proc.poll() is None and os.path.exists(os.path.join(run, "config.json"))  # untouched
+    finally:
+        kill_all(proc)
+    assert os.path.exists(os.path.join(run, "LOCK"))  # left behind by the killed owner
+    proc = run_python(["-m", "hpcdd.run", "--resume", run, "--phases", "local"], ranks=2, timeout=300)
+    require_ok(proc)
+    assert json.load(open(os.path.join(run, "state.json")))["phases"]["local"]["done"]
+    assert not os.path.exists(os.path.join(run, "LOCK"))
+
+
+def test_data_prepared_again_during_a_run_stops_it(fashion_dir, tmp_path):
+    """data_prep --force into DATA while a run reads it (another seed: another validation split): the
+    run stops at the next phase start with one line naming the change, instead of mixing the two.
+    (Opening a shard of the new preparation stops it too: test_data.)"""
+    from tests.conftest import prepare
+
+    data = tmp_path / "data"
+    prepare(fashion_dir, data)
+    old = json.load(open(data / "manifest.json"))["prep_id"]
+    run = str(tmp_path / "run")
+    proc = start(["--data", str(data), "--out", run, *CFG, "--set", "local.epochs=4"])
+    # both ranks hold every shard they read open (their second subdomains started): the files are replaced
+    # under open handles, which keep reading the old preparation
+    wait_for(proc, lambda: all(os.path.exists(os.path.join(run, "local", f"sub_{i:03d}.ckpt.pt")) for i in (1, 3)))
+    prepare(fashion_dir, data, extra=["--force", "--seed", "1"])
+    new = json.load(open(data / "manifest.json"))["prep_id"]
+    assert new != old
+    code, out, err = finish(proc, 300)
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("Abort(")]  # MPICH's own line
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert f"was prepared again during the run (prep id {old} -> {new}); stopped before the aggregate phase" in lines[0]
+    assert "aggregate" not in json.load(open(os.path.join(run, "state.json")))["phases"]

@@ -60,6 +60,7 @@ class RunContext:
     data: DataCache = None
     events: EventLog = None
     progress: object = None  # hpcdd.progress.Progress
+    watchdog: object = None  # hpcdd.watchdog.Watchdog
 
     def __post_init__(self):
         if self.events is None:

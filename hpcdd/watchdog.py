@@ -1,0 +1,198 @@
+"""The progress watchdog and the run lock: no job hangs on a stopped rank, no run directory has two owners.
+
+Every rank runs one daemon thread that writes a heartbeat (RUN/progress/alive_RRRR.json: wall
+time, and when this rank last made progress) every ``beat`` seconds. Training steps, phase starts
+and inference batches call ``alive()``, which only stores a time. A rank whose own progress is
+older than ``watchdog_timeout`` reads every heartbeat: if some rank progressed recently it is only
+waiting for that rank (the DNN on rank 0); if none did, the job is stuck. It then dumps its Python
+stacks (RUN/progress/stack_RRRR.txt and stderr), names the ranks whose heartbeats stopped (a
+stopped process, a rank stuck in the file system) and, after a grace period in which the other live
+ranks dump theirs, the lowest live rank aborts the job. The heartbeat thread runs while the main
+thread blocks in MPI (mpi4py releases the GIL), so waiting ranks keep beating and a silent one stands
+out. Rank 0's thread also refreshes RUN/LOCK, which says which process owns the run directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import faulthandler
+import json
+import os
+import platform
+import sys
+import threading
+import time
+
+from . import checkpoint
+from .errors import UserError
+
+_last_progress = [time.time()]
+
+
+def alive() -> None:
+    """This rank made progress (a step, a batch of inference, a phase start): cheap, call it often."""
+    _last_progress[0] = time.time()
+
+
+def beat_interval(timeout: float) -> float:
+    return 30.0 if timeout <= 0 else min(30.0, max(0.5, timeout / 10))
+
+
+def silent_ranks(beats: dict, size: int, now: float, beat: float) -> list[int]:
+    """Ranks whose heartbeat is missing or older than three beats: their process does not run."""
+    return [r for r in range(size) if r not in beats or now - beats[r]["beat"] > 3 * beat]
+
+
+def describe(ranks: list[int], procs: dict) -> str:
+    return ", ".join(f"rank {r}" + (f" (pid {procs[r]['pid']} on {procs[r]['host']})" if r in procs else "")
+                     for r in ranks)
+
+
+class Watchdog:
+    """One rank's heartbeat thread; see the module docstring."""
+
+    def __init__(self, layout, world, timeout: float, procs: list[dict] | None = None, beat: float | None = None):
+        self.layout, self.world, self.timeout = layout, world, float(timeout)
+        self.beat = beat if beat is not None else beat_interval(self.timeout)
+        self.procs = {p["rank"]: p for p in procs or []}
+        self._stop = threading.Event()
+        self._thread = None
+        self.where = ""  # the phase, in the heartbeat and the message
+
+    def path(self, rank: int) -> str:
+        return os.path.join(self.layout.progress, f"alive_{rank:04d}.json")
+
+    def start(self) -> "Watchdog":
+        alive()
+        self._write(time.time())
+        self._thread = threading.Thread(target=self._run, name="hpcdd-watchdog", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _write(self, now: float) -> None:
+        try:
+            checkpoint.write_json({"rank": self.world.rank, "beat": now, "progress": _last_progress[0],
+                                   "phase": self.where}, self.path(self.world.rank))
+            if self.world.is_root and os.path.exists(self.layout.lock):
+                os.utime(self.layout.lock)
+        except OSError:
+            pass  # a full or stuck file system must not kill the thread that reports it
+
+    def _read(self) -> dict:
+        beats = {}
+        for r in range(self.world.size):
+            try:
+                with open(self.path(r)) as f:
+                    beats[r] = json.load(f)
+            except (OSError, ValueError):
+                continue
+        return beats
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.beat):
+            now = time.time()
+            self._write(now)
+            if self.timeout <= 0 or now - _last_progress[0] < self.timeout:
+                continue
+            beats = self._read()
+            latest = max([b.get("progress", 0.0) for b in beats.values()] + [_last_progress[0]])
+            if now - latest >= self.timeout:
+                self._fire(now, beats)
+                return
+
+    def _fire(self, now: float, beats: dict) -> None:
+        silent = silent_ranks(beats, self.world.size, now, self.beat)
+        live = [r for r in range(self.world.size) if r not in silent]
+        stacks = os.path.join(self.layout.progress, f"stack_{self.world.rank:04d}.txt")
+        try:
+            with open(stacks, "w") as f:
+                faulthandler.dump_traceback(file=f, all_threads=True)
+        except OSError:
+            pass
+        print(f"hpcdd watchdog: rank {self.world.rank} made no progress for {now - _last_progress[0]:.0f} s; "
+              f"its Python stacks:", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        what = (f"silent (no heartbeat for {3 * self.beat:.0f} s): {describe(silent, self.procs)}" if silent else
+                "every rank is alive but none completes a step (a deadlock or a stuck collective)")
+        message = (f"hpcdd: no rank made progress for {self.timeout:.0f} s (watchdog_timeout){' in ' + self.where if self.where else ''}; "
+                   f"{what}; stacks of the live ranks in {self.layout.progress}/stack_*.txt; ending the job")
+        # let the other live ranks dump their stacks too, then the lowest live rank ends the job
+        self._stop.wait(2 * self.beat if live and self.world.rank == live[0] else 6 * self.beat)
+        print(message, file=sys.stderr, flush=True)
+        try:
+            self.world.abort(3, message)
+        finally:
+            os._exit(3)  # one process without MPI: SystemExit would end only this thread
+
+
+# ---------------------------------------------------------------------------------------------- lock
+def lock_owner(path: str, beat: float = 30.0) -> dict | None:
+    """The live owner of a run's lock, or None when there is none or it is stale: on this host its
+    process is gone; on another host its rank 0 has not refreshed it for four beats."""
+    try:
+        with open(path) as f:
+            owner = json.load(f)
+        age = time.time() - os.stat(path).st_mtime
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return None  # a torn lock: its writer died while writing it
+    if owner.get("host") == platform.node():
+        try:
+            os.kill(int(owner["pid"]), 0)
+        except ProcessLookupError:
+            return None
+        except (PermissionError, KeyError, ValueError, TypeError):
+            pass
+        return owner
+    return owner if age < 4 * float(owner.get("beat", beat)) + 10 else None
+
+
+def describe_owner(owner: dict) -> str:
+    return f"pid {owner.get('pid')} on {owner.get('host')}, since {owner.get('since')}"
+
+
+def check_unlocked(layout, what: str) -> None:
+    owner = lock_owner(layout.lock)
+    if owner is not None:
+        raise UserError(f"{what}: {layout.root} is in use by a running hpcdd-run ({describe_owner(owner)}); "
+                        f"wait for it to end or stop it first")
+
+
+def acquire(layout, beat: float, what: str) -> None:
+    """Rank 0: create RUN/LOCK (exclusively; a stale lock is replaced)."""
+    owner = {"host": platform.node(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+             "beat": beat}
+    for _ in range(2):
+        try:
+            fd = os.open(layout.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            check_unlocked(layout, what)
+            try:
+                os.unlink(layout.lock)  # stale: its owner is gone
+            except FileNotFoundError:
+                pass
+            continue
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+                raise UserError(f"{layout.lock}: cannot create the run lock ({e.strerror})") from None
+            raise
+        with os.fdopen(fd, "w") as f:
+            json.dump(owner, f)
+        return
+    check_unlocked(layout, what)
+    raise UserError(f"{layout.lock}: another hpcdd-run took the run directory at the same moment")
+
+
+def release(layout) -> None:
+    """Rank 0 at an orderly exit: remove RUN/LOCK if this process owns it."""
+    try:
+        with open(layout.lock) as f:
+            owner = json.load(f)
+        if owner.get("pid") == os.getpid() and owner.get("host") == platform.node():
+            os.unlink(layout.lock)
+    except (OSError, ValueError):
+        pass
