@@ -111,7 +111,18 @@ def run(argv=None) -> dict:
     return manifest
 
 
+class Terminated(BaseException):
+    """SIGTERM (scancel, a killed job): unwinds like Ctrl-C so the partial output is removed."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         run(argv)
     except UserError as e:
@@ -119,4 +130,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("data_prep: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("data_prep: stopped by SIGTERM; nothing was written", file=sys.stderr)
+        return 143
     return 0

@@ -232,11 +232,41 @@ def _image_files(folder: str) -> list[str]:
                   if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith("."))
 
 
+def _eight_bit(im, path: str):
+    """16-bit greyscale (PNG, TIFF) scaled to 8 bits (v * 255 / 65535, rounded); PIL's own convert
+    would clip every value above 255 to white."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im).astype(np.float64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise UserError(f"{path}: {im.mode} image with values outside 0..65535; expected 8- or 16-bit images")
+        top = 255.0 if im.mode == "I" and (not a.size or a.max() <= 255) else 65535.0
+        return Image.fromarray(np.rint(a * (255.0 / top)).astype(np.uint8), "L")
+    if im.mode == "F":
+        raise UserError(f"{path}: floating-point image (mode F); expected 8- or 16-bit images, or use the npz source")
+    return im
+
+
+def _check_memory(count: int, shape, itemsize: int, what: str) -> None:
+    """Refuse a conversion whose images cannot fit in memory, before decoding any (e.g. an absurd --size).
+    Conversion holds about three copies (decoded, stacked, split)."""
+    need = 3 * count * float(np.prod(shape, dtype=np.float64)) * itemsize
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return
+    if need > 0.8 * avail:
+        raise UserError(f"{what}: {count} images of {'x'.join(map(str, shape))} need {need / 1e9:.1f} GB in memory, "
+                        f"but {avail / 1e9:.1f} GB are available; choose a smaller --size or fewer images")
+
+
 def _load_image(path: str, size: tuple[int, int] | None, channels: int):
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
+            im = _eight_bit(im, path)
             im = im.convert("L" if channels == 1 else "RGB")
             if size is not None and im.size != (size[1], size[0]):
                 im = im.resize((size[1], size[0]), Image.BILINEAR)
@@ -258,6 +288,7 @@ def _load_folder_split(root: str, classes: list[str], size, channels: int, where
         labels += [k] * len(found)
     if size is None:
         size = _load_image(files[0], None, channels).shape[1:]
+    _check_memory(len(files), (channels,) + tuple(size), 1, where)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         images = list(pool.map(lambda p: _load_image(p, size, channels), files))
     shapes = {im.shape for im in images}
@@ -358,6 +389,8 @@ def load_npz(path: str, name: str | None = None, volume: bool | None = None, num
     y = _check_labels(y, k, f"{path} (y)")
     test = None
     ids = np.arange(len(y), dtype=np.int64)
+    if k is None:  # from every label, before any split can leave one empty
+        k = int(max(y.max(initial=0), get("y_test").max(initial=0) if "y_test" in keys else 0)) + 1
     if "x_test" in keys or "y_test" in keys:
         if not ("x_test" in keys and "y_test" in keys):
             raise UserError(f"{path}: x_test and y_test must come together")
@@ -373,8 +406,6 @@ def load_npz(path: str, name: str | None = None, volume: bool | None = None, num
     else:
         tr, te = stratified_split(y, test_fraction, seed, "--test-fraction")
         train, test = Split(x[tr], y[tr], ids[tr]), Split(x[te], y[te], ids[te])
-    if k is None:
-        k = int(max(train.y.max(), test.y.max())) + 1
     if classes is None:
         classes = [str(c) for c in range(k)]
     return Source(name or os.path.splitext(os.path.basename(path))[0], "npz", classes, train, test,

@@ -7,6 +7,7 @@ directory that is renamed into place at the end.
 from __future__ import annotations
 
 import datetime
+import errno
 import hashlib
 import json
 import os
@@ -189,6 +190,7 @@ def write_dataset(source: Source, out: str, grid, overlap: int, margin: int, val
         "shards": [shard_name(i) for i in range(deco.n)],
         "full": FULL_NAME if full else None,
     }
+    check_space(out, output_bytes(deco, splits, margin, x0, full))
     total = sum(len(s.y) for s in splits.values()) * (deco.n + (1 if full else 0))
     bar = Progress(total, f"writing {deco.n} shards", progress)
     parent = os.path.dirname(os.path.abspath(out))
@@ -219,8 +221,33 @@ def write_dataset(source: Source, out: str, grid, overlap: int, margin: int, val
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.rename(tmp, out)
+    except OSError as e:
+        bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"{out}: no space left on its file system while writing ({e.strerror}); nothing was "
+                            f"written, free space and run again") from None
+        raise
     except BaseException:
         bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def output_bytes(deco, splits: dict, margin: int, x0: np.ndarray, full: bool) -> int:
+    """What the shards take on disk (uncompressed pixels, labels and ids, plus HDF5 overhead)."""
+    per_sample = sum(float(np.prod([b - a + 2 * margin for a, b in deco.box(i)])) for i in range(deco.n))
+    if full:
+        per_sample += float(np.prod([s + 2 * margin for s in deco.image_shape]))
+    n = sum(len(s.y) for s in splits.values())
+    return int(n * (per_sample * x0.shape[1] * x0.dtype.itemsize + 16 * (deco.n + full)) + (1 << 20) * (deco.n + 1))
+
+
+def check_space(out: str, need: int) -> None:
+    """Refuse before writing when the shards cannot fit (HDF5 may crash outright on a full disk)."""
+    parent = os.path.dirname(os.path.abspath(out))
+    free = shutil.disk_usage(parent).free
+    if need > free:
+        raise UserError(f"{out}: the shards need about {need / 1e9:.2f} GB but its file system has {free / 1e9:.2f} GB "
+                        f"free; free space, write elsewhere, or choose a coarser grid/smaller --size")

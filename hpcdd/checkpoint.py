@@ -7,6 +7,8 @@ reads them.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import tempfile
@@ -20,7 +22,21 @@ def current_umask() -> int:
     return mask
 
 
+class DiskFull(UserError):
+    """No space (or quota) left: one line naming the file; what was written before stays usable."""
+
+
 def _atomic_write(path: str, write) -> None:
+    try:
+        _write_renamed(path, write)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(f"{path}: no space left on its file system ({e.strerror}); earlier checkpoints are "
+                           f"intact: free space, then continue with --resume") from None
+        raise
+
+
+def _write_renamed(path: str, write) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
@@ -50,7 +66,9 @@ def _atomic_write(path: str, write) -> None:
 def save(obj, path: str) -> None:
     import torch
 
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    buffer = io.BytesIO()  # serialised first: a full disk is then a plain OSError of our own write
+    torch.save(obj, buffer)
+    _atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def load(path: str, map_location="cpu"):

@@ -21,11 +21,26 @@ _orderly_exit = None  # tells this rank's watcher that the exit is deliberate
 _DEATH_WATCH = r"""
 import os, sys
 rank, pid, host, marker = sys.argv[1:5]
+launchers = [int(p) for p in sys.argv[5:]]  # the rank's parent and grandparent (launcher, its proxy)
 said = sys.stdin.buffer.read()  # end of file when the rank exits, however it exits
 if said.endswith(b"ok"):
     sys.exit(0)
-msg = (f"hpcdd: rank {rank} (pid {pid} on {host}) died without a Python error: killed by a signal "
-       f"(SIGKILL, or the out-of-memory killer); the launcher ends the other ranks")
+
+def gone(p):
+    try:
+        with open(f"/proc/{p}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in "ZX"
+    except OSError:
+        return True
+
+dead = [p for p in launchers if p > 1 and gone(p)]
+if dead:
+    msg = (f"hpcdd: rank {rank} (pid {pid} on {host}) was killed together with its launcher (pid "
+           f"{', '.join(map(str, dead))} gone): the job was ended from outside (a killed mpiexec or srun, "
+           f"scancel, a lost node), not by a failure of hpcdd; continue with --resume")
+else:
+    msg = (f"hpcdd: rank {rank} (pid {pid} on {host}) died without a Python error: killed by a signal "
+           f"(SIGKILL, or the out-of-memory killer); the launcher ends the other ranks")
 try:
     fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
 except FileNotFoundError:
@@ -33,7 +48,14 @@ except FileNotFoundError:
 except OSError:
     sys.exit(0)  # a failure was already reported (this rank was ended by the launcher's clean-up)
 if fd is not None:
-    os.write(fd, (msg + "\n").encode())
+    try:
+        os.write(fd, (msg + "\n").encode())
+    except OSError:  # a full disk: give up the reserved space for the report
+        try:
+            os.unlink(os.path.join(os.path.dirname(marker), ".reserve"))
+            os.write(fd, (msg + "\n").encode())
+        except OSError:
+            pass
     os.close(fd)
 print(msg, file=sys.stderr, flush=True)
 """
@@ -57,9 +79,16 @@ def start_death_watch(rank: int, run_dir: str) -> None:
     import subprocess
 
     read, write = os.pipe()
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/stat") as f:
+            grandparent = int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        grandparent = 0
     try:
         subprocess.Popen([sys.executable, "-S", "-c", _DEATH_WATCH, str(rank), str(os.getpid()), platform.node(),
-                          failure_marker(os.path.abspath(run_dir))], stdin=read, start_new_session=True)
+                          failure_marker(os.path.abspath(run_dir)), str(parent), str(grandparent)],
+                         stdin=read, start_new_session=True)
     except OSError:
         os.close(write)
         return
@@ -100,19 +129,54 @@ def user_error_exit(world: World | None, message: str, collective: bool) -> None
 
 
 
+def interrupted(world: World | None, run_dir: str | None) -> None:
+    """Ctrl-C (SIGINT to mpiexec reaches every rank): one line from rank 0, exit 130."""
+    message = ("hpcdd: interrupted (SIGINT); checkpoints written so far are kept"
+               + (f": continue with --resume {run_dir}" if run_dir and os.path.isdir(run_dir) else ""))
+    if world is None or world.is_root:
+        if run_dir and os.path.isdir(os.path.join(run_dir, "progress")):
+            record_failure(run_dir, message)
+        print(message, file=sys.stderr, flush=True)
+    if world is not None and world.size > 1:
+        orderly_exit()
+        sys.stderr.flush()
+        world.comm.Abort(130)  # a rank the signal missed must not wait in a collective
+    raise SystemExit(130)
+
+
 def orderly_exit() -> None:
     """Tell this rank's watcher that the exit is deliberate."""
     if _orderly_exit is not None:
         _orderly_exit()
 
 
-def record_failure(run_dir: str, message: str) -> None:
-    """Create RUN/FAILED with ``message`` unless a failure was recorded already (the first cause wins)."""
+def record_failure(run_dir: str, message: str) -> bool:
+    """Create RUN/FAILED with ``message`` unless a failure was recorded already (the first cause wins;
+    True if this call recorded it). On a full disk the space RUN/.reserve holds is given up for it."""
     if not os.path.isdir(run_dir):
-        return
+        return False
     try:
         fd = os.open(failure_marker(run_dir), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-        os.write(fd, (message + "\n").encode())
+    except OSError:
+        return False
+    data = (message + "\n").encode()
+    try:
+        for attempt in range(2):
+            try:
+                os.write(fd, data)
+                break
+            except OSError:
+                if attempt == 0:
+                    _give_up_reserve(run_dir)
+    finally:
         os.close(fd)
+    return True
+
+
+def _give_up_reserve(run_dir: str) -> None:
+    from .layout import RunLayout
+
+    try:
+        os.unlink(RunLayout(run_dir).reserve)
     except OSError:
         pass

@@ -7,12 +7,13 @@ N local CNNs and the DNN, and prints the accuracy (and writes per-sample predict
 from __future__ import annotations
 
 import csv
-import os
+import io
 import sys
 
 import numpy as np
 
-from .cli_util import OneLineParser
+from .cli_util import OneLineParser, count, writable_file
+from .checkpoint import write_text
 from .errors import UserError, fail
 
 
@@ -23,9 +24,9 @@ def build_parser():
     p.add_argument("run", metavar="RUN", help="run directory (or a model.pt file)")
     p.add_argument("--data", required=True, help="directory written by data_prep (its full.h5 is read)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to evaluate (default: test)")
-    p.add_argument("--batch-size", type=int, default=512, help="images per forward pass (default: 512)")
+    p.add_argument("--batch-size", type=count(1), default=512, help="images per forward pass (default: 512)")
     p.add_argument("--output", metavar="CSV", help="write sample_id, label, prediction, probabilities")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    p.add_argument("--threads", type=count(0), default=0, help="torch threads (default: all cores)")
     return p
 
 
@@ -67,6 +68,8 @@ def predict(model, meta: dict, data_dir: str, split: str, batch_size: int = 512)
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if args.output:
+            writable_file("--output", args.output)
         import torch
 
         if args.threads:
@@ -79,13 +82,12 @@ def main(argv=None) -> int:
         acc = float((pred == y).mean())
         print(f"{meta['method']} on {args.data} {args.split}: accuracy {acc:.4f} ({int((pred == y).sum())}/{len(y)})")
         if args.output:
-            tmp = args.output + ".tmp"
-            with open(tmp, "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(["sample_id", "label", "prediction"] + [f"p_{c}" for c in meta["classes"]])
-                for sid, label, p, row in zip(ids, y, pred, probs):
-                    w.writerow([int(sid), int(label), int(p)] + [f"{v:.6f}" for v in row])
-            os.replace(tmp, args.output)
+            text = io.StringIO(newline="")
+            w = csv.writer(text)
+            w.writerow(["sample_id", "label", "prediction"] + [f"p_{c}" for c in meta["classes"]])
+            for sid, label, p, row in zip(ids, y, pred, probs):
+                w.writerow([int(sid), int(label), int(p)] + [f"{v:.6f}" for v in row])
+            write_text(text.getvalue(), args.output)
         return 0
     except UserError as e:
         fail(str(e))

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import checkpoint
+from .errors import UserError
 from .watchdog import alive
 
 
@@ -117,8 +118,12 @@ class Progress:
         self.current = {}
 
     def _write(self) -> None:
+        """Best effort: a progress line is not worth ending a run over (a full disk shows at the next checkpoint)."""
         self.last_write = time.perf_counter()
-        checkpoint.write_json(self.current, os.path.join(self.layout.progress, f"rank_{self.world.rank:04d}.json"))
+        try:
+            checkpoint.write_json(self.current, os.path.join(self.layout.progress, f"rank_{self.world.rank:04d}.json"))
+        except (OSError, UserError):
+            pass
 
     # ------------------------------------------------------------------ rank 0
     def _others(self) -> list[dict]:

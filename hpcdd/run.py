@@ -6,10 +6,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
-from .cli_util import OneLineParser
+from .cli_util import OneLineParser, count
 from .config import PHASES, Config, build_config, load_toml, parse_override, to_toml
 from .errors import EXIT_USER_ERROR, UserError
 
@@ -23,11 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DATA", help="directory written by data_prep")
     p.add_argument("--out", metavar="RUN", help="run directory to create (must not exist)")
     p.add_argument("--phases", help=f"comma-separated subset of {','.join(PHASES)} (default: all)")
-    p.add_argument("--epochs", type=int, help="epochs of every CNN training phase (local, coherent, global); "
+    p.add_argument("--epochs", type=count(1), help="epochs of every CNN training phase (local, coherent, global); "
                    "a specific key given with --set (e.g. --set coherent.transfer.epochs=5) wins over it")
     p.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: the GPU of the local rank if any")
-    p.add_argument("--threads", type=int, help="torch threads per rank (default: cores per node / ranks per node)")
+    p.add_argument("--threads", type=count(0), help="torch threads per rank (default: cores per node / ranks per node)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any configuration key, e.g. --set local.lr=0.01 (repeatable)")
     p.add_argument("--requeue", action="store_true",
@@ -118,6 +119,18 @@ def main(argv=None) -> int:
         user_error_exit(world, str(e), collective)
     except SystemExit:
         raise
+    except OSError as e:
+        from .failures import report_failure, user_error_exit
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            report_failure(world, e)
+        user_error_exit(world, f"{e.filename or args.out or args.resume}: no space left on its file system "
+                        f"({e.strerror}); earlier checkpoints are intact: free space, then continue with --resume",
+                        world is None or ctx is None)
+    except KeyboardInterrupt:
+        from .failures import interrupted
+
+        interrupted(world, cfg.out if "cfg" in locals() else None)
     except BaseException as e:  # noqa: BLE001 - any failure on one rank must end every rank
         from .failures import report_failure
 

@@ -203,6 +203,8 @@ def prepare(cfg: Config, world: World, resume: bool = False, force: bool = False
             checkpoint.write_json(state.values, layout.state)
         elif os.path.exists(layout.failed):  # the failure of the run being resumed
             os.replace(layout.failed, layout.failed_previous)
+        with open(layout.reserve, "wb") as f:
+            f.write(b"\0" * 65536)
         shutil.rmtree(layout.progress, ignore_errors=True)  # counters and heartbeats of an earlier attempt
         os.makedirs(layout.progress)
 

@@ -78,7 +78,7 @@ class Watchdog:
                                    "phase": self.where}, self.path(self.world.rank))
             if self.world.is_root and os.path.exists(self.layout.lock):
                 os.utime(self.layout.lock)
-        except OSError:
+        except (OSError, UserError):
             pass  # a full or stuck file system must not kill the thread that reports it
 
     def _read(self) -> dict:

@@ -266,6 +266,11 @@ def _bad_inputs(tmp, fashion_dir, x, y):
     open(cifar / "batches.meta", "wb").write(pickle.dumps({b"label_names": [b"a"] * 10})[:20])
     cases.append(("corrupt cifar pickle", ["cifar10", cifar, tmp / "o"]))
     cases.append(("unknown source", ["tfrecord", good, tmp / "o"]))
+    cases.append(("absurd size", ["imagefolder", broken, tmp / "o", "--size", "100000", "100000"]))
+    np.savez(tmp / "one.npz", x=x[:1], y=y[:1])
+    cases.append(("a single sample", ["npz", tmp / "one.npz", tmp / "o"]))
+    open(tmp / "text.npz", "w").write("x,y\n1,2\n")
+    cases.append(("text named .npz", ["npz", tmp / "text.npz", tmp / "o"]))
     (tmp / "exists").mkdir()
     (tmp / "exists" / "keep.txt").write_text("user data")
     cases.append(("output exists", ["idx", good, tmp / "exists"]))
@@ -298,6 +303,9 @@ BAD_INPUT_MESSAGES = {
     "undecodable image": "broken/b/bad.jpg: cannot decode image",
     "corrupt cifar pickle": "cifar/batches.meta: corrupt or truncated pickle",
     "unknown source": "invalid choice: 'tfrecord'",
+    "absurd size": "broken: 2 images of 3x100000x100000 need 180.0 GB in memory",
+    "a single sample": "the val split is empty",
+    "text named .npz": "text.npz: not a readable .npz file",
     "output exists": "{tmp}/exists: already exists",
     "force on a user folder": "{tmp}/exists --force: not a data_prep output",
     "force on the input folder": "{tmp}/good --force: the input is inside it; nothing was deleted",
@@ -326,3 +334,71 @@ def test_bad_input_one_line_exit_2_nothing_written(bad_inputs, name):
     assert BAD_INPUT_MESSAGES[name].format(tmp=tmp) in lines[0], lines[0]
     assert sorted(os.listdir(tmp)) == before, f"{name}: something was written"
     assert (tmp / "exists" / "keep.txt").read_text() == "user data"
+
+
+def test_sixteen_bit_pngs_keep_their_grey_levels(tmp_path, fashion_small):
+    """A 16-bit PNG is scaled to 8 bits (v * 255 / 65535, rounded), not clipped to 0/255."""
+    from PIL import Image
+
+    x, _, _, _ = fashion_small
+    src = tmp_path / "scans"
+    expected = {}
+    for k in range(2):
+        (src / f"c{k}").mkdir(parents=True)
+        for j in range(20):
+            v = x[k * 20 + j].astype(np.uint16) * 257 + (j % 7)  # the full 16-bit range, off the 257 grid
+            Image.fromarray(v).save(src / f"c{k}" / f"{j:02d}.png")
+            expected[f"c{k}/{j:02d}.png"] = np.rint(v * (255 / 65535)).astype(np.uint8)
+    require_ok(prep("imagefolder", src, tmp_path / "out", "--grid", "2x2", "--channels", "1"))
+    files = sorted(str(p.relative_to(src)) for p in src.rglob("*.png"))
+    with h5py.File(tmp_path / "out" / "full.h5", "r") as f:
+        for split in ("train", "val", "test"):
+            for sid, pixels in zip(f[split]["sample_id"][:], f[split]["x"][:]):
+                np.testing.assert_array_equal(pixels[0], expected[files[sid]])
+
+
+def test_sigterm_leaves_no_partial_output(tmp_path, fashion_dir):
+    """SIGTERM (scancel) in the middle of a conversion: exit 143, one line, no output, no hidden folder."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import env_for_tests
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "data_prep", "idx", fashion_dir, str(out), "--grid", "4x4",
+                             "--overlap", "2", "--margin", "2"], stderr=subprocess.PIPE, text=True,
+                            env=env_for_tests())
+    t0 = time.time()
+    while not any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir()) and time.time() - t0 < 120:
+        time.sleep(0.02)  # the conversion has begun writing
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143, err
+    assert [ln for ln in err.splitlines() if ln.strip()] == ["data_prep: stopped by SIGTERM; nothing was written"]
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 3 MB tmpfs: a real file system that fills up."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_is_refused_before_writing(small_disk, fashion_small, tmp_path):
+    x, y, _, _ = fashion_small
+    np.savez(tmp_path / "big.npz", x=np.repeat(x, 4, axis=0), y=np.repeat(y, 4))
+    proc = prep("npz", tmp_path / "big.npz", small_disk / "out", "--grid", "4x4", "--overlap", "2")
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert f"{small_disk}/out: the shards need about" in lines[0] and "free" in lines[0], lines[0]
+    assert os.listdir(small_disk) == []

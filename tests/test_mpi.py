@@ -250,4 +250,11 @@ def test_predict_refuses_what_does_not_fit(runs, small_data, tmp_path, fashion_d
     saved["meta"]["model"]["widths"] = [4, 4, 4]  # says one architecture, holds the weights of another
     torch.save(saved, tmp_path / "other_arch.pt")
     assert "weights do not match the architecture" in predict(tmp_path / "other_arch.pt", small_data)
+    for args, needle in ((["--batch-size", "0"], "argument --batch-size: 0: expected a positive integer"),
+                         (["--threads", "-1"], "argument --threads: -1: expected an integer >= 0"),
+                         (["--output", str(tmp_path / "no" / "p.csv")], f"--output {tmp_path}/no/p.csv: folder ")):
+        proc = run_python(["-m", "hpcdd.predict", str(run_dir), "--data", small_data, *args], timeout=120)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
+        assert proc.stdout == ""  # refused before any work, not after printing the accuracy
     assert (run_dir / "model.pt").read_bytes() == before

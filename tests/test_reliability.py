@@ -385,3 +385,71 @@ def test_data_prepared_again_during_a_run_stops_it(fashion_dir, tmp_path):
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
     assert f"was prepared again during the run (prep id {old} -> {new}); stopped before the aggregate phase" in lines[0]
     assert "aggregate" not in json.load(open(os.path.join(run, "state.json")))["phases"]
+
+
+@pytest.fixture()
+def disk(tmp_path):
+    """A 90 MB tmpfs: a real file system that fills up."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=90m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_during_a_run_is_one_line_and_resumable(small_data, disk):
+    """The disk fills up mid-run: one line naming the file, RUN/FAILED says it (space was reserved for
+    that), and once space is freed --resume continues from the checkpoints written before."""
+    run = str(disk / "run")
+    proc = start(["--data", small_data, "--out", run, *CFG, "--set", "local.epochs=8", "--phases", "local"])
+    wait_for(proc, lambda: glob.glob(os.path.join(run, "local", "sub_*.ckpt.pt")))
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        except OSError:
+            pass
+    code, out, err = finish(proc, 300)
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("Abort(")]  # MPICH's own line
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert re.match(r"error: rank [01]: \S+: no space left on its file system", lines[0]), lines[0]
+    assert "no space left" in open(os.path.join(run, "FAILED")).read()
+    os.unlink(filler)
+    code, out, err = finish(start(["--resume", run]), 300)
+    assert code == 0, err[-3000:]
+    assert {r[0] for r in resumes(run)} == {"local"}, resumes(run)
+
+
+def test_ctrl_c_to_mpiexec_is_one_line(small_data, tmp_path):
+    run = str(tmp_path / "run")
+    proc = start(["--data", small_data, "--out", run, *CFG, "--set", "local.epochs=8"])
+    wait_for(proc, lambda: glob.glob(os.path.join(run, "local", "sub_*.ckpt.pt")))
+    os.kill(proc.pid, signal.SIGINT)  # mpiexec forwards it to every rank
+    code, out, err = finish(proc, 120)
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("Abort(")]
+    assert code != 0 and "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert lines == [f"hpcdd: interrupted (SIGINT); checkpoints written so far are kept: continue with --resume {run}"], lines
+
+
+def test_a_killed_launcher_is_named_as_such(small_data, tmp_path):
+    """SIGKILL to mpiexec takes the ranks down with it: RUN/FAILED blames the launcher, not rank 0."""
+    run = str(tmp_path / "run")
+    proc = start(["--data", small_data, "--out", run, *CFG, "--set", "local.epochs=8"])
+    wait_for(proc, lambda: glob.glob(os.path.join(run, "local", "sub_*.ckpt.pt")) and rank_pids(run))
+    pids = rank_pids(run)
+    proc.kill()
+    proc.wait(timeout=30)
+    t0 = time.time()
+    while not os.path.exists(os.path.join(run, "FAILED")) and time.time() - t0 < 30:
+        time.sleep(0.1)
+    for pid in pids.values():  # whatever the launcher left behind
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    report = open(os.path.join(run, "FAILED")).read()
+    assert "was killed together with its launcher" in report and "not by a failure of hpcdd" in report, report

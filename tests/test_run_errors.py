@@ -117,7 +117,7 @@ CASES = [
     ("wrong type", ["--set", "local.epochs=three"], "local.epochs = 'three': expected an integer", None),
     ("infinite learning rate", ["--set", "local.lr=inf"], "local.lr = 'inf': expected a finite number", None),
     ("dnn optimizer", ["--set", "dnn.optimizer=rmsprop"], "dnn.optimizer = 'rmsprop': expected sgd, adam or adamw", None),
-    ("zero epochs", ["--epochs", "0"], "expected a positive number of epochs", None),
+    ("zero epochs", ["--epochs", "0"], "argument --epochs: 0: expected a positive integer", None),
     ("zero batch size", ["--set", "local.batch_size=0"], "expected a positive batch size", None),
     ("negative learning rate", ["--set", "global.lr=-0.1"], "expected a positive learning rate", None),
     ("unknown family", ["--set", "model.family=alexnet"], "model.family = 'alexnet'", None),
