@@ -9,6 +9,7 @@ modules. Phases receive a ``World`` and its ``Group``s, never raw communicators.
 from __future__ import annotations
 
 import os
+import platform
 import sys
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -114,6 +115,39 @@ class World:
         raise SystemExit(code)
 
 
+def software() -> dict:
+    """What every rank must run the same of: a mixed installation across nodes fails in odd ways later."""
+    import mpi4py
+    import numpy
+    import torch
+
+    from . import __version__
+
+    return {"hpcdd": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "mpi4py": mpi4py.__version__, "python": platform.python_version()}
+
+
+def hosts_of(ranks: list[int], hosts: list[str]) -> str:
+    """'node2 (ranks 2, 3)' for the ranks given, grouped by host."""
+    by_host: dict[str, list[int]] = {}
+    for r in ranks:
+        by_host.setdefault(hosts[r], []).append(r)
+    return "; ".join(f"{h} (rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))})" for h, rs in by_host.items())
+
+
+def same_software(reports: list[tuple[str, dict]]) -> None:
+    hosts = [h for h, _ in reports]
+    first = reports[0][1]
+    for key in first:
+        values = [v[key] for _, v in reports]
+        if any(v != first[key] for v in values):
+            groups: dict[str, list[int]] = {}
+            for r, v in enumerate(values):
+                groups.setdefault(v, []).append(r)
+            raise UserError(f"the ranks run different {key} versions: " + " vs ".join(
+                f"{v} on {hosts_of(rs, hosts)}" for v, rs in groups.items()) + "; install the same environment on every node")
+
+
 def init_world(env: Mapping[str, str] | None = None, device: str = "auto", threads: int | None = None,
                use_mpi: bool = True) -> World:
     """Pin the device first, then set up MPI (mpi4py is imported here, not at module import)."""
@@ -147,6 +181,7 @@ def init_world(env: Mapping[str, str] | None = None, device: str = "auto", threa
     torch.set_num_threads(world.threads)
 
     def check():
+        same_software(world.allgather_obj((platform.node(), software())))
         if device_error:
             raise UserError(device_error)
         world.device = early_device if early_device is not None and info.local_rank == early.local_rank \

@@ -72,9 +72,14 @@ class StopFlag:
         return group.any(self.flag)
 
     def poll_collective(self) -> bool:
-        """For lockstep phases: one Allreduce per step; every rank stops after the same step."""
-        self.flag = self.world.everyone.any(self.flag)
-        return self.flag
+        """For lockstep phases: one Allreduce per step; every rank stops after the same step.
+
+        The flag is only ever set here, never overwritten with the agreed value: a signal whose
+        handler runs while the Allreduce is in flight would otherwise be lost (seen on 8 ranks)."""
+        agreed = self.world.everyone.any(self.flag)
+        if agreed:
+            self.flag = True
+        return agreed  # the agreed value: a flag set meanwhile counts at the next poll, on every rank
 
     def agree(self) -> bool:
         return self.poll_collective()
@@ -84,8 +89,11 @@ class StopFlag:
         if self.ctrl is None:
             return
         token = np.zeros(1, dtype=np.int32)
-        while self.ctrl.Iprobe(tag=_TAG):
-            self.ctrl.Recv(token, tag=_TAG)
+        while True:  # a matched probe: Iprobe + Recv(ANY_SOURCE) hung across nodes (MPICH over TCP)
+            message = self.ctrl.Improbe(tag=_TAG)
+            if message is None:
+                break
+            message.Recv(token)
         from mpi4py import MPI
 
         MPI.Request.Waitall(self._requests)

@@ -101,7 +101,6 @@ def _check_run_dir(cfg: Config, resume: bool, force: bool) -> RunState:
     layout = RunLayout(out)
     state = RunState(layout.state)
     if resume:
-        check_unlocked(layout, f"--resume {out}")
         if os.path.exists(layout.state):
             state = RunState.read(layout.state)
     elif os.path.exists(out):
@@ -111,7 +110,6 @@ def _check_run_dir(cfg: Config, resume: bool, force: bool) -> RunState:
         if not os.path.isdir(out):
             raise UserError(f"--out {out}: exists and is not a directory")
         check_replaceable(out, cfg.data)
-        check_unlocked(layout, f"--out {out} --force")
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise UserError(f"--out {out}: parent directory {parent} does not exist")
@@ -151,6 +149,31 @@ def check_resume(cfg: Config, manifest: Manifest) -> None:
                         f"{cfg.data} now has {manifest.prep_id}; the shards were prepared again")
 
 
+def check_shared(cfg: Config, world: World, layout: RunLayout, resume: bool) -> None:
+    """Collective: RUN (created by rank 0) must be visible and writable from every node; on a node-local
+    path the other nodes would train into their own copy or fail at the first checkpoint."""
+    problem = None
+    if not os.path.isdir(layout.progress):
+        problem = "it does not exist there"
+    else:
+        try:
+            fd, probe = tempfile.mkstemp(prefix=f".probe-{world.rank}-", dir=layout.progress)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            problem = f"cannot write in it ({e.strerror})"
+    reports = world.allgather_obj((platform.node(), problem))
+    bad = [r for r, (_, p) in enumerate(reports) if p]
+    if not bad:
+        return
+    from .parallel import hosts_of
+
+    if world.is_root and not resume:
+        shutil.rmtree(cfg.out, ignore_errors=True)  # it was made here a moment ago
+    raise UserError(f"--out {cfg.out}: not usable from {hosts_of(bad, [h for h, _ in reports])}: {reports[bad[0]][1]}; "
+                    f"RUN must be on a file system that every node mounts at the same path")
+
+
 def check_data_unchanged(ctx: RunContext, phase: str) -> None:
     """Collective, at every phase start: the data directory still holds the preparation the run began on
     (``data_prep --force`` into DATA during a run replaces it whole; open files keep the old one)."""
@@ -176,6 +199,8 @@ def prepare(cfg: Config, world: World, resume: bool = False, force: bool = False
         check_disk(cfg, manifest)
         if resume:
             check_resume(cfg, manifest)
+        if world.is_root and os.path.isdir(cfg.out):  # one judge: liveness on another host is a guess
+            check_unlocked(RunLayout(cfg.out), f"--resume {cfg.out}" if resume else f"--out {cfg.out} --force")
         return manifest, state
 
     manifest, state = world.checked(check)
@@ -194,7 +219,7 @@ def prepare(cfg: Config, world: World, resume: bool = False, force: bool = False
             except FileExistsError:
                 raise UserError(f"--out {cfg.out}: another process created it meanwhile; choose a new run "
                                 f"directory") from None
-        acquire(layout, beat, f"--resume {cfg.out}" if resume else f"--out {cfg.out}")
+        acquire(layout, f"--resume {cfg.out}" if resume else f"--out {cfg.out}")
         if not resume:
             meta = {"tool": f"hpcdd {__version__}", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "ranks": world.size, "threads_per_rank": world.threads, "device": str(world.device),
@@ -209,8 +234,10 @@ def prepare(cfg: Config, world: World, resume: bool = False, force: bool = False
         os.makedirs(layout.progress)
 
     world.checked(create)
+    check_shared(cfg, world, layout, resume)
     procs = world.allgather_obj({"rank": world.rank, "host": platform.node(), "pid": os.getpid(),
-                                 "local_rank": world.info.local_rank, "device": str(world.device)})
+                                 "local_rank": world.info.local_rank, "threads": world.threads,
+                                 "device": str(world.device)})
     if world.is_root:  # maps the PID or host an MPI launcher names when a rank dies to its rank
         checkpoint.write_json({"ranks": procs, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, layout.ranks)
     world.barrier()

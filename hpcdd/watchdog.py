@@ -1,6 +1,8 @@
 """The progress watchdog and the run lock: no job hangs on a stopped rank, no run directory has two owners.
 
-Every rank runs one daemon thread that writes a heartbeat (RUN/progress/alive_RRRR.json: wall
+Every rank runs one daemon thread. It ends this rank as soon as RUN/FAILED records another rank's
+failure (checked every two seconds: a rank killed on another node leaves its peers waiting in MPI
+otherwise). It writes a heartbeat (RUN/progress/alive_RRRR.json: wall
 time, and when this rank last made progress) every ``beat`` seconds. Training steps, phase starts
 and inference batches call ``alive()``, which only stores a time. A rank whose own progress is
 older than ``watchdog_timeout`` reads every heartbeat: if some rank progressed recently it is only
@@ -9,7 +11,7 @@ stacks (RUN/progress/stack_RRRR.txt and stderr), names the ranks whose heartbeat
 stopped process, a rank stuck in the file system) and, after a grace period in which the other live
 ranks dump theirs, the lowest live rank aborts the job. The heartbeat thread runs while the main
 thread blocks in MPI (mpi4py releases the GIL), so waiting ranks keep beating and a silent one stands
-out. Rank 0's thread also refreshes RUN/LOCK, which says which process owns the run directory.
+out. Rank 0's thread also refreshes RUN/LOCK (every two seconds), which says which process owns the run directory.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from . import checkpoint
 from .errors import UserError
 
 _last_progress = [time.time()]
+FOLLOW_POLL = 2.0  # seconds between checks for RUN/FAILED (one stat) and refreshes of RUN/LOCK
+LOCK_STALE = 20.0  # a lock of another host not refreshed for this long belongs to a dead run
 
 
 def alive() -> None:
@@ -76,8 +80,6 @@ class Watchdog:
         try:
             checkpoint.write_json({"rank": self.world.rank, "beat": now, "progress": _last_progress[0],
                                    "phase": self.where}, self.path(self.world.rank))
-            if self.world.is_root and os.path.exists(self.layout.lock):
-                os.utime(self.layout.lock)
         except (OSError, UserError):
             pass  # a full or stuck file system must not kill the thread that reports it
 
@@ -92,8 +94,20 @@ class Watchdog:
         return beats
 
     def _run(self) -> None:
-        while not self._stop.wait(self.beat):
+        written = time.time()
+        while not self._stop.wait(min(self.beat, FOLLOW_POLL)):
             now = time.time()
+            if os.path.exists(self.layout.failed):
+                self._follow()
+                return
+            if self.world.is_root:
+                try:
+                    os.utime(self.layout.lock)
+                except OSError:
+                    pass
+            if now - written < self.beat:
+                continue
+            written = now
             self._write(now)
             if self.timeout <= 0 or now - _last_progress[0] < self.timeout:
                 continue
@@ -102,6 +116,15 @@ class Watchdog:
             if now - latest >= self.timeout:
                 self._fire(now, beats)
                 return
+
+    def _follow(self) -> None:
+        """Another rank's failure is recorded (a rank killed on another node, an abort): end this rank
+        now instead of waiting in a collective for a peer that will never come (or for the launcher's
+        kill, which SLURM sends only after KillWait)."""
+        try:
+            self.world.abort(1, "")
+        finally:
+            os._exit(1)
 
     def _fire(self, now: float, beats: dict) -> None:
         silent = silent_ranks(beats, self.world.size, now, self.beat)
@@ -129,17 +152,25 @@ class Watchdog:
 
 
 # ---------------------------------------------------------------------------------------------- lock
-def lock_owner(path: str, beat: float = 30.0) -> dict | None:
-    """The live owner of a run's lock, or None when there is none or it is stale: on this host its
-    process is gone; on another host its rank 0 has not refreshed it for four beats."""
+def lock_owner(path: str) -> dict | None:
+    """The live owner of a run's lock, or None when there is none or it is stale: the run recorded a
+    failure since it took the lock; on this host its process is gone; on another host its rank 0
+    has not refreshed it (every two seconds) for ``LOCK_STALE`` seconds."""
     try:
         with open(path) as f:
             owner = json.load(f)
+        taken = os.stat(path).st_ctime if "taken" not in owner else float(owner["taken"])
         age = time.time() - os.stat(path).st_mtime
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError):
         return None  # a torn lock: its writer died while writing it
+    failed = os.path.join(os.path.dirname(path), "FAILED")
+    try:
+        if os.stat(failed).st_mtime >= taken:
+            return None
+    except OSError:
+        pass
     if owner.get("host") == platform.node():
         try:
             os.kill(int(owner["pid"]), 0)
@@ -148,7 +179,7 @@ def lock_owner(path: str, beat: float = 30.0) -> dict | None:
         except (PermissionError, KeyError, ValueError, TypeError):
             pass
         return owner
-    return owner if age < 4 * float(owner.get("beat", beat)) + 10 else None
+    return owner if age < LOCK_STALE else None
 
 
 def describe_owner(owner: dict) -> str:
@@ -162,10 +193,10 @@ def check_unlocked(layout, what: str) -> None:
                         f"wait for it to end or stop it first")
 
 
-def acquire(layout, beat: float, what: str) -> None:
+def acquire(layout, what: str) -> None:
     """Rank 0: create RUN/LOCK (exclusively; a stale lock is replaced)."""
     owner = {"host": platform.node(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-             "beat": beat}
+             "taken": time.time()}
     for _ in range(2):
         try:
             fd = os.open(layout.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)

@@ -1,5 +1,9 @@
-"""A real single-node SLURM cluster for tests: munged, slurmctld and slurmd on localhost.
+"""A real SLURM cluster for tests: munged, slurmctld and slurmd on localhost, or slurmd on emulated nodes.
 
+``Cluster(dir)`` is one node (localhost). ``Cluster(dir, nodes=2)`` emulates two hosts on this
+machine: a bridge with 10.251.7.1/24 in the root network namespace, and per node a network and UTS
+namespace (its own hostname ``nodeK`` and address 10.251.7.1K on a veth pair), running its own
+slurmd with its own spool directory; the file system is shared, as a parallel file system would be.
 It installs nothing (``.ci/run`` installs slurm-wlm and munge); it writes a minimal slurm.conf into
 a temporary directory, starts the daemons, waits until the node is idle, and stops everything in
 ``stop()``, which the fixture calls even when a test fails. Every wait is bounded.
@@ -8,24 +12,25 @@ a temporary directory, starts the daemons, waits until the node is idle, and sto
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import signal
 import subprocess
 import time
 
 CONF = """ClusterName=hpcddtest
-SlurmctldHost=localhost
+SlurmctldHost={ctld_host}
 SlurmctldPort={ctld_port}
 SlurmdPort={d_port}
 AuthType=auth/munge
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={d}/state
-SlurmdSpoolDir={d}/spool
+SlurmdSpoolDir={d}/spool%n
 SlurmctldPidFile={d}/slurmctld.pid
-SlurmdPidFile={d}/slurmd.pid
+SlurmdPidFile={d}/slurmd%n.pid
 SlurmctldLogFile={d}/slurmctld.log
-SlurmdLogFile={d}/slurmd.log
+SlurmdLogFile={d}/slurmd%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -39,9 +44,10 @@ JobRequeue=1
 FirstJobId={first_job}
 KillWait=30
 MinJobAge=3600
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=8 State=UNKNOWN
+{nodes}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """
+BRIDGE_NET = "10.251.7"
 
 
 def missing() -> str | None:
@@ -54,19 +60,84 @@ def missing() -> str | None:
     return None
 
 
+def namespaces_missing() -> str | None:
+    """Why emulated nodes cannot be made here (None if they can)."""
+    why = missing()
+    if why:
+        return why
+    for exe in ("ip", "nsenter", "unshare"):
+        if not shutil.which(exe):
+            return f"{exe} not installed (iproute2, util-linux)"
+    probe = f"hpcdd-probe-{os.getpid()}"
+    proc = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return f"network namespaces not permitted here: {proc.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
 class Cluster:
-    def __init__(self, directory: str, ctld_port: int = 16817, d_port: int = 16818):
+    def __init__(self, directory: str, ctld_port: int = 16817, d_port: int = 16818, nodes: int = 0,
+                 node_local: str | None = None):
+        """``node_local``: a folder that nodes other than node1 see as their own empty tmpfs (their own
+        mount namespace): a path that is not on a shared file system."""
         self.dir = directory
         self.conf = os.path.join(directory, "slurm.conf")
         self.procs: list[subprocess.Popen] = []
         self.munged_started = False
-        for sub in ("state", "spool"):
+        self.nodes = [f"node{k}" for k in range(1, nodes + 1)]
+        self.node_local = node_local
+        self.bridge = "br-hpcdd"
+        self.netns = [f"hpcdd-{n}" for n in self.nodes]
+        for sub in ("state",):
             os.makedirs(os.path.join(directory, sub), exist_ok=True)
+        if self.nodes:
+            ctld_host = f"{platform.node()}({BRIDGE_NET}.1)"
+            lines = [f"NodeName={n} NodeAddr={BRIDGE_NET}.{10 + k} CPUs=8 State=UNKNOWN"
+                     for k, n in enumerate(self.nodes, 1)]
+        else:
+            ctld_host = "localhost"
+            lines = ["NodeName=localhost NodeAddr=127.0.0.1 CPUs=8 State=UNKNOWN"]
         with open(self.conf, "w") as f:
             # job ids never repeat across test clusters: MPICH names shared memory after the job step
             first_job = 1000 + int(time.time()) % 1_000_000 * 10
-            f.write(CONF.format(d=directory, ctld_port=ctld_port, d_port=d_port, first_job=first_job))
+            f.write(CONF.format(d=directory, ctld_port=ctld_port, d_port=d_port, first_job=first_job,
+                                ctld_host=ctld_host, nodes="\n".join(lines)))
         self.env = dict(os.environ, SLURM_CONF=self.conf)
+
+    def _ip(self, *args, check=True):
+        proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
+        return proc
+
+    def _network(self) -> None:
+        """The bridge and one namespace + veth pair per node (anything left by a crashed test first removed)."""
+        self._teardown_network()
+        self._ip("link", "add", self.bridge, "type", "bridge")
+        self._ip("addr", "add", f"{BRIDGE_NET}.1/24", "dev", self.bridge)
+        self._ip("link", "set", self.bridge, "up")
+        for k, (node, ns) in enumerate(zip(self.nodes, self.netns), 1):
+            self._ip("netns", "add", ns)
+            self._ip("link", "add", f"veth-hpcdd{k}", "type", "veth", "peer", "name", "eth0", "netns", ns)
+            self._ip("link", "set", f"veth-hpcdd{k}", "master", self.bridge, "up")
+            self._ip("-n", ns, "addr", "add", f"{BRIDGE_NET}.{10 + k}/24", "dev", "eth0")
+            self._ip("-n", ns, "link", "set", "eth0", "up")
+            self._ip("-n", ns, "link", "set", "lo", "up")
+
+    def _teardown_network(self) -> None:
+        for k, ns in enumerate(self.netns, 1):
+            self._ip("netns", "del", ns, check=False)
+            self._ip("link", "del", f"veth-hpcdd{k}", check=False)
+        self._ip("link", "del", self.bridge, check=False)
+
+    def node_pids(self, node: str) -> list[int]:
+        """Processes running on an emulated node (in its network namespace), slurmd excluded."""
+        proc = subprocess.run(["ip", "netns", "pids", self.netns[self.nodes.index(node)]], capture_output=True,
+                              text=True, timeout=30)
+        pids = [int(p) for p in proc.stdout.split()]
+        daemons = {p.pid for p in self.procs}
+        return [p for p in pids if p not in daemons]
 
     def run(self, *cmd, timeout=60, check=True, **kw):
         proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, env=kw.pop("env", self.env), **kw)
@@ -86,21 +157,36 @@ class Cluster:
 
     def start(self, timeout: float = 60) -> "Cluster":
         self._munged()
-        for cmd in (["/usr/sbin/slurmctld", "-D", "-i", "-f", self.conf], ["/usr/sbin/slurmd", "-D", "-N", "localhost", "-f", self.conf]):
-            log = open(os.path.join(self.dir, os.path.basename(cmd[0]) + ".out"), "w")
-            self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                               start_new_session=True))
+        cmds = [("slurmctld", ["/usr/sbin/slurmctld", "-D", "-i", "-f", self.conf])]
+        if self.nodes:
+            self._network()
+            for node, ns in zip(self.nodes, self.netns):
+                # nsenter, not `ip netns exec` (which remounts /sys, and slurmd then finds no cgroup fs)
+                private = self.node_local and node != self.nodes[0]
+                mount = f"mount -t tmpfs tmpfs {self.node_local} && " if private else ""
+                cmds.append((f"slurmd-{node}", ["nsenter", f"--net=/run/netns/{ns}", "unshare", "--uts"]
+                             + (["--mount", "--propagation", "private"] if private else []) + [
+                                 "sh", "-c", f"{mount}hostname {node} && exec /usr/sbin/slurmd -D -N {node} -f {self.conf}"]))
+        else:
+            cmds.append(("slurmd", ["/usr/sbin/slurmd", "-D", "-N", "localhost", "-f", self.conf]))
+        for name, cmd in cmds:
+            log = open(os.path.join(self.dir, name + ".out"), "w")
+            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+            p.name = name
+            self.procs.append(p)
             time.sleep(0.5)
+        want = len(self.nodes) or 1
         t0 = time.time()
         while time.time() - t0 < timeout:
-            proc = self.run("sinfo", "-h", "-o", "%t", check=False, timeout=20)
-            if proc.returncode == 0 and proc.stdout.strip() in ("idle", "mix", "alloc"):
+            proc = self.run("sinfo", "-h", "-N", "-o", "%t", check=False, timeout=20)
+            states = proc.stdout.split()
+            if proc.returncode == 0 and len(states) == want and all(s in ("idle", "mix", "alloc") for s in states):
                 return self
             for p in self.procs:
                 if p.poll() is not None:
-                    raise RuntimeError(f"{p.args[0]} exited: {open(os.path.join(self.dir, os.path.basename(p.args[0]) + '.out')).read()[-2000:]}")
+                    raise RuntimeError(f"{p.name} exited: {open(os.path.join(self.dir, p.name + '.out')).read()[-2000:]}")
             time.sleep(0.5)
-        raise RuntimeError(f"the test node did not become idle in {timeout} s: {self.run('sinfo', check=False).stdout}")
+        raise RuntimeError(f"the test nodes did not become idle in {timeout} s: {self.run('sinfo', check=False).stdout}")
 
     def wait_job(self, job: str, timeout: float = 600) -> str:
         """Poll until the job leaves the queue; returns its final state (squeue polling is faster than --wait)."""
@@ -129,6 +215,14 @@ class Cluster:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(timeout=15)
         subprocess.run(["pkill", "-9", "-f", "slurmstepd:"], check=False)  # steps orphaned by the shutdown
+        for ns in self.netns:  # anything still running on an emulated node
+            for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (OSError, ValueError):
+                    pass
+        if self.nodes:
+            self._teardown_network()
         if self.munged_started:
             try:
                 with open("/run/munge/munged.pid") as f:
