@@ -58,6 +58,8 @@ class DistributedCoherent:
         self.replicas, self.replica = own.replicas, own.replica
         self.table = own.table  # subdomains of every rank
         self.comm_time = 0.0
+        self.comm_bytes = 0  # payload this rank sent plus received in training steps (the Allgather's
+        self.comm_steps = 0  # block in and (B, N, K) out; a replica Allreduce's gradients in and out)
 
     def parameters(self):
         for i in sorted(self.local_models):
@@ -89,6 +91,7 @@ class DistributedCoherent:
         t0 = time.perf_counter()
         recv, displs = allgather_rows(world.comm, mine, counts)
         self.comm_time += time.perf_counter() - t0
+        self.comm_bytes += 4 * int(counts[world.rank] + counts.sum())
         full = np.empty((batch, self.n, k), dtype=np.float32)
         for r, s in enumerate(slices):
             rows = s.stop - s.start
@@ -126,6 +129,8 @@ class DistributedCoherent:
             t0 = time.perf_counter()
             self.world.replicas.sum_grads_(list(self.local_parameters()))
             self.comm_time += time.perf_counter() - t0
+            self.comm_bytes += 2 * 4 * sum(p.numel() for p in self.local_parameters())
+        self.comm_steps += 1
         optimizer.step()
         return loss.detach(), out.detach()
 

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .parallel import World
 
 _orderly_exit = None  # tells this rank's watcher that the exit is deliberate
+_tell_watch = None  # tells this rank's watcher where it is (MPI initialisation begins/ends)
 
 _DEATH_WATCH = r"""
 import os, sys
@@ -34,13 +35,17 @@ def gone(p):
         return True
 
 dead = [p for p in launchers if p > 1 and gone(p)]
-if dead:
+if said.endswith(b"i"):  # MPI initialisation began and never returned
+    msg = (f"hpcdd: rank {rank} (pid {pid} on {host}) ended inside MPI initialisation (the MPI library's own "
+           f"message is above): under srun use the plugin of your MPI, `srun --mpi=pmix` for Open MPI, "
+           f"`srun --mpi=pmi2` for MPICH (`srun --mpi=list` shows what the cluster offers)")
+elif dead:
     msg = (f"hpcdd: rank {rank} (pid {pid} on {host}) was killed together with its launcher (pid "
            f"{', '.join(map(str, dead))} gone): the job was ended from outside (a killed mpiexec or srun, "
            f"scancel, a lost node), not by a failure of hpcdd; continue with --resume")
 else:
     msg = (f"hpcdd: rank {rank} (pid {pid} on {host}) died without a Python error: killed by a signal "
-           f"(SIGKILL, or the out-of-memory killer); the launcher ends the other ranks")
+           f"(SIGKILL, or the out-of-memory killer) or ended inside a C library; the launcher ends the other ranks")
 try:
     fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
 except FileNotFoundError:
@@ -102,9 +107,21 @@ def start_death_watch(rank: int, run_dir: str) -> None:
         except OSError:
             pass
 
-    global _orderly_exit
+    global _orderly_exit, _tell_watch
     _orderly_exit = orderly
+    _tell_watch = lambda what: os.write(write, what)  # noqa: E731
     atexit.register(orderly)
+
+
+def mpi_init_begins() -> None:
+    """Tell the watcher: an exit before ``mpi_init_done`` happened inside MPI initialisation."""
+    if _tell_watch is not None:
+        _tell_watch(b"i")
+
+
+def mpi_init_done() -> None:
+    if _tell_watch is not None:
+        _tell_watch(b"r")
 
 
 def report_failure(world: World | None, exc: BaseException) -> None:

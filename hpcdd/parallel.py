@@ -33,6 +33,7 @@ class World:
     own: Ownership | None = None
     replicas: Group = field(default_factory=Group)  # the replicas of this rank's subdomain
     run_dir: str | None = None  # where an abort records why (RUN/FAILED)
+    software: dict = field(default_factory=dict)  # versions every rank agreed on (hpcdd, torch, MPI library, ...)
 
     @property
     def rank(self) -> int:
@@ -115,7 +116,7 @@ class World:
         raise SystemExit(code)
 
 
-def software() -> dict:
+def software(with_mpi: bool = True) -> dict:
     """What every rank must run the same of: a mixed installation across nodes fails in odd ways later."""
     import mpi4py
     import numpy
@@ -123,8 +124,13 @@ def software() -> dict:
 
     from . import __version__
 
-    return {"hpcdd": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
-            "mpi4py": mpi4py.__version__, "python": platform.python_version()}
+    out = {"hpcdd": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+           "mpi4py": mpi4py.__version__, "python": platform.python_version()}
+    if with_mpi:
+        from mpi4py import MPI
+
+        out["MPI library"] = MPI.Get_library_version().strip().splitlines()[0].strip()
+    return out
 
 
 def hosts_of(ranks: list[int], hosts: list[str]) -> str:
@@ -181,7 +187,8 @@ def init_world(env: Mapping[str, str] | None = None, device: str = "auto", threa
     torch.set_num_threads(world.threads)
 
     def check():
-        same_software(world.allgather_obj((platform.node(), software())))
+        world.software = software(comm is not None)
+        same_software(world.allgather_obj((platform.node(), world.software)))
         if device_error:
             raise UserError(device_error)
         world.device = early_device if early_device is not None and info.local_rank == early.local_rank \

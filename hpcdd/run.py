@@ -97,11 +97,13 @@ def main(argv=None) -> int:
             if env_rank() == 0:
                 print(to_toml(cfg), end="")
             return 0
-        from .failures import start_death_watch
+        from .failures import mpi_init_begins, mpi_init_done, start_death_watch
         from .parallel import init_world
 
         start_death_watch(env_rank(), cfg.out)
+        mpi_init_begins()
         world = init_world(device=cfg.device, threads=cfg.threads or None)
+        mpi_init_done()
         world.run_dir = cfg.out
         from .runner import prepare, run_phases
 

@@ -223,7 +223,7 @@ def prepare(cfg: Config, world: World, resume: bool = False, force: bool = False
         if not resume:
             meta = {"tool": f"hpcdd {__version__}", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "ranks": world.size, "threads_per_rank": world.threads, "device": str(world.device),
-                    "host": platform.node(), "prep_id": manifest.prep_id}
+                    "host": platform.node(), "prep_id": manifest.prep_id, "software": world.software}
             checkpoint.write_json(dict(cfg.to_dict(), meta=meta), layout.config)
             checkpoint.write_json(state.values, layout.state)
         elif os.path.exists(layout.failed):  # the failure of the run being resumed

@@ -89,8 +89,13 @@ class Cluster:
         self.node_local = node_local
         self.bridge = "br-hpcdd"
         self.netns = [f"hpcdd-{n}" for n in self.nodes]
-        for sub in ("state",):
+        for sub in ["state"] + [f"spool{n}" for n in self.nodes or ["localhost"]]:
             os.makedirs(os.path.join(directory, sub), exist_ok=True)
+        if node_local:
+            # PMIx puts per-step folders under /tmp by default; on emulated nodes sharing /tmp their names
+            # collide, so each node gets the node-local folder instead
+            with open(os.path.join(directory, "mpi.conf"), "w") as f:
+                f.write(f"PMIxCliTmpDirBase={node_local}\n")
         if self.nodes:
             ctld_host = f"{platform.node()}({BRIDGE_NET}.1)"
             lines = [f"NodeName={n} NodeAddr={BRIDGE_NET}.{10 + k} CPUs=8 State=UNKNOWN"
@@ -229,3 +234,6 @@ class Cluster:
                     os.kill(int(f.read().strip()), signal.SIGTERM)
             except (OSError, ValueError):
                 subprocess.run(["pkill", "-x", "munged"], check=False)
+            t0 = time.time()  # gone before the next cluster looks for it (it would find one exiting)
+            while subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode == 0 and time.time() - t0 < 15:
+                time.sleep(0.1)

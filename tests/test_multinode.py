@@ -68,6 +68,14 @@ def test_two_nodes_local_ranks_threads_and_identical_results(cluster2, small_dat
     cores = len(os.sched_getaffinity(0))  # every emulated node has this machine's cores
     assert all(r["threads"] == max(1, cores // 2) for r in ranks), ranks  # cores of the node / its tasks
     assert_identical(one_node_reference, str(run))
+    # communication per coherent step, measured: each rank sends its (rows, K) block and receives (B, N, K)
+    cfg = json.load(open(run / "config.json"))
+    b, k, n, p = cfg["coherent"]["scratch"]["batch_size"], 10, 4, 4
+    n_train = json.load(open(os.path.join(small_data, "manifest.json")))["splits"]["train"]
+    steps = -(-n_train // b)
+    expected = 4 * k * (n + n // p) * n_train / steps  # averaged over the epoch's steps (the last one is short)
+    measured = json.load(open(run / "coherent" / "scratch" / "result.json"))["comm_bytes_per_step"]
+    assert measured == pytest.approx(expected), (measured, expected)
 
 
 def test_losing_a_node_ends_the_job_and_resume_matches(cluster2, small_data, one_node_reference, tmp_path):

@@ -79,7 +79,7 @@ def train_coherent(ctx, strategy: str, t) -> None:
     epoch_shifts = {}
 
     def batches(epoch):
-        model.comm_time = 0.0
+        model.comm_time, model.comm_bytes, model.comm_steps = 0.0, 0, 0
         epoch_shifts.clear()
         epoch_shifts[epoch] = stream.shifts(epoch, first.ids, t.augment_shift, ctx.manifest.dims)
         return stream.batches(epoch, len(first), t.batch_size)
@@ -113,7 +113,8 @@ def train_coherent(ctx, strategy: str, t) -> None:
         end_epoch=(lambda: world.replicas.mean_([b for m in model.local_models.values() for b in buffers_of(m)]))
         if own.replicas > 1 else None,
         stop=ctx.stop_collective(), on_epoch=on_epoch, on_resume=ctx.resume_logger("coherent", strategy=strategy),
-        event_extra=lambda: {"comm_seconds": model.comm_time}, check_every=1 if str(device) == "cpu" else 25,
+        event_extra=lambda: {"comm_seconds": model.comm_time,
+                             "comm_bytes_per_step": model.comm_bytes / max(model.comm_steps, 1)}, check_every=1 if str(device) == "cpu" else 25,
         agree=lambda points: common_point(world, points),
         on_step=ctx.training(f"coherent {strategy}", t.epochs, model.local_models, share=1 / own.replicas))
     state = run_loop(loop, device, start)
@@ -129,6 +130,7 @@ def train_coherent(ctx, strategy: str, t) -> None:
         checkpoint.write_json({"strategy": strategy, "val": state.best_val, "test": test, "best_epoch": state.best_epoch,
                                "initial_val": state.extra["initial_val"], "train_seconds": state.seconds,
                                "comm_seconds": sum(e["comm_seconds"] for e in state.history), "epochs": t.epochs,
+                               "comm_bytes_per_step": state.history[-1]["comm_bytes_per_step"] if state.history else 0,
                                "resumes": state.extra.get("resumes", []), "history": state.history},
                               layout.result("coherent", strategy))
         ctx.log(f"[coherent {strategy}] best val {state.best_val:.4f} (epoch {state.best_epoch}), test {test:.4f}")
