@@ -17,7 +17,7 @@ from typing import Mapping
 from . import collectives
 from .collectives import Group
 from .device import select_device
-from .errors import UserError
+from .errors import AgreedError, UserError
 from .launcher import WorldInfo, check_slurm_size, node_cores, world_info
 from .ownership import Ownership, ownership
 
@@ -90,7 +90,7 @@ class World:
             error = str(e)
         error = self.agree(error)
         if error:
-            raise UserError(error)
+            raise AgreedError(error)
         return result
 
     def finalize(self) -> None:

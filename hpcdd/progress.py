@@ -35,6 +35,23 @@ def forward_flops(model, shape) -> float:
     return float(counter.get_total_flops())
 
 
+def training_flops(model, shape) -> float:
+    """Forward + backward FLOPs of one training sample of ``shape`` (counted on a batch of two, so
+    BatchNorm behaves as in training)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was = model.training
+    model.train()
+    param = next(model.parameters())
+    x = torch.zeros((2,) + tuple(shape), device=param.device, dtype=param.dtype)
+    with FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    model.zero_grad(set_to_none=True)
+    model.train(was)
+    return float(counter.get_total_flops()) / 2
+
+
 def duration(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
     if seconds >= 3600:

@@ -57,6 +57,7 @@ def collect(ctx) -> dict:
                 res["epochs"], comm_seconds=res["comm_seconds"], initial_val=res["initial_val"],
                 best_epoch=res["best_epoch"])
     speedup = (glob["wall_seconds"] / decomposed) if glob and decomposed else None
+    efficiency = flop_efficiency(ctx, speedup) if glob and local else {}
     return {
         "tool": f"hpcdd {__version__}",
         "dataset": m.dataset, "grid": list(m.grid), "overlap": m.overlap, "image_shape": list(m.image_shape),
@@ -68,8 +69,26 @@ def collect(ctx) -> dict:
         "decomposed_seconds": decomposed,
         "global_seconds": glob["wall_seconds"] if glob else None,
         "speedup_decomposed_over_global": speedup,
+        **efficiency,
         "local_subdomains": agg["local"] if agg else None,
     }
+
+
+def flop_efficiency(ctx, measured: float | None) -> dict:
+    """The paper's argument in numbers: training FLOPs per image (forward + backward) of the global CNN
+    and of each local CNN; the FLOP-ideal speedup of the local phase over the global CNN on the same
+    ranks (the global CNN's epochs spread over all ranks vs the busiest rank's local CNNs); and the
+    measured speedup over it (efficiency). The measured side includes the aggregate phase."""
+    from .progress import training_flops
+
+    cfg, m, own = ctx.cfg, ctx.manifest, ctx.world.own
+    local = [training_flops(ctx.models.local(i), (m.channels,) + m.subimage_shape(i)) for i in range(m.n)]
+    global_ = training_flops(ctx.models.global_(), (m.channels,) + tuple(m.image_shape[1:]))
+    busiest = max(sum(local[i] for i in subs) / own.replicas for subs in own.table)
+    ideal = (global_ * cfg.global_.epochs / ctx.world.size) / (busiest * cfg.local.epochs)
+    return {"train_flops_per_image": {"global": global_, "local": local, "local_total": sum(local)},
+            "flop_ideal_speedup": ideal,
+            "efficiency": (measured / ideal) if measured else None}
 
 
 def _fmt(v, digits=4):
@@ -114,6 +133,13 @@ def markdown(results: dict) -> str:
     if r["speedup_decomposed_over_global"]:
         lines.append(f"Decomposed pipeline (local + aggregate): {r['decomposed_seconds']:.1f} s; global CNN: "
                      f"{r['global_seconds']:.1f} s; speedup {r['speedup_decomposed_over_global']:.2f}x.")
+    if r.get("flop_ideal_speedup"):
+        f = r["train_flops_per_image"]
+        lines.append(f"Training FLOPs per image (forward + backward): global CNN {f['global'] / 1e6:.1f} M, local CNNs "
+                     f"{min(f['local']) / 1e6:.2f}-{max(f['local']) / 1e6:.2f} M each ({f['local_total'] / 1e6:.1f} M "
+                     f"together); FLOP-ideal speedup {r['flop_ideal_speedup']:.2f}x"
+                     + (f", measured {r['speedup_decomposed_over_global']:.2f}x: efficiency {r['efficiency']:.2f}."
+                        if r.get("efficiency") else "."))
     lines.append("Average probability, majority vote and CNN-DNN share the local CNNs; their time is local + "
                  "aggregate. Coherent rows count only their own phase's time (transfer starts from the trained "
                  "local CNNs and DNN). Majority-vote ties go to the class with the larger summed probability.")

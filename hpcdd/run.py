@@ -12,7 +12,7 @@ import sys
 
 from .cli_util import OneLineParser, count
 from .config import PHASES, Config, build_config, load_toml, parse_override, to_toml
-from .errors import EXIT_USER_ERROR, UserError
+from .errors import EXIT_USER_ERROR, AgreedError, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     except UserError as e:
         from .failures import user_error_exit
 
-        collective = world is None or ctx is None
+        collective = world is None or ctx is None or isinstance(e, AgreedError)
         if world is None:
             if env_rank() == 0:
                 print(f"error: {e}", file=sys.stderr, flush=True)

@@ -127,11 +127,20 @@ def test_all_phases_report_and_predict(runs, small_data):
     assert transfer["val"] >= _row(res, "CNN-DNN")["val"] - 1e-9  # starts from it, keeps the best on val
     assert transfer["initial_val"] == pytest.approx(_row(res, "CNN-DNN")["val"], abs=1e-9)
     assert res["speedup_decomposed_over_global"] == pytest.approx(res["global_seconds"] / res["decomposed_seconds"])
+    # training FLOPs counted by torch's FlopCounterMode: 4 local CNNs (15x15 with overlap 1) vs one on 28x28
+    flops = res["train_flops_per_image"]
+    assert len(flops["local"]) == 4 and flops["local_total"] == pytest.approx(sum(flops["local"]))
+    assert 2.0 < flops["global"] / flops["local_total"] < 5.0, flops
+    epochs = res["epochs"]
+    assert res["flop_ideal_speedup"] == pytest.approx(
+        flops["global"] * epochs["global"] / 4 / (max(flops["local"]) * epochs["local"]))
+    assert res["efficiency"] == pytest.approx(res["speedup_decomposed_over_global"] / res["flop_ideal_speedup"])
     md = (run_dir / "results.md").read_text()
     for row in res["rows"]:
         line = next(ln for ln in md.splitlines() if ln.startswith(f"| {row['method']} |"))
         tests = row["test"] if isinstance(row["test"], list) else [row["test"]]
         assert all(f"{v:.4f}" in line for v in tests), (line, row)
+    assert f"FLOP-ideal speedup {res['flop_ideal_speedup']:.2f}x" in md and f"efficiency {res['efficiency']:.2f}" in md
     from PIL import Image
 
     for png, size in (("accuracy.png", (800, 400)), ("training_curves.png", (1400, 460)),

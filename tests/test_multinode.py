@@ -16,6 +16,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from tests.conftest import ROOT, require_ok, run_python
 from tests.slurm_cluster import Cluster, namespaces_missing
@@ -76,6 +77,27 @@ def test_two_nodes_local_ranks_threads_and_identical_results(cluster2, small_dat
     expected = 4 * k * (n + n // p) * n_train / steps  # averaged over the epoch's steps (the last one is short)
     measured = json.load(open(run / "coherent" / "scratch" / "result.json"))["comm_bytes_per_step"]
     assert measured == pytest.approx(expected), (measured, expected)
+
+
+def test_eight_ranks_four_per_node_with_replicas(cluster2, small_data, tmp_path):
+    """-N 2 -n 8 --ntasks-per-node=4 (two replicas per subdomain, each pair on one node): local ranks
+    0..3 per node, threads from the node's cores, local CNNs bit-identical to 8 ranks on one node."""
+    args = ("--phases", "local", *SMALL.split())
+    one = tmp_path / "one"
+    require_ok(run_python(["-m", "hpcdd.run", "--data", small_data, "--out", str(one), "--threads", "1", *args],
+                          ranks=8, timeout=600))
+    two = tmp_path / "two"
+    require_ok(cluster2.run("srun", "-N", "2", "-n", "8", "--ntasks-per-node=4", "--mpi=pmi2", "--kill-on-bad-exit=1",
+                            *hpcdd_run("--data", small_data, "--out", two, *args), timeout=600, check=False,
+                            env=job_env(cluster2)))
+    ranks = json.load(open(two / "ranks.json"))["ranks"]
+    assert [(r["host"], r["local_rank"]) for r in ranks] == [(f"node{1 + i // 4}", i % 4) for i in range(8)], ranks
+    cores = len(os.sched_getaffinity(0))
+    assert all(r["threads"] == max(1, cores // 4) for r in ranks), ranks
+    for i in range(4):
+        a = torch.load(one / "local" / f"sub_{i:03d}.pt", weights_only=True)["model"]
+        b = torch.load(two / "local" / f"sub_{i:03d}.pt", weights_only=True)["model"]
+        assert all(torch.equal(a[key], b[key]) for key in a), i
 
 
 def test_losing_a_node_ends_the_job_and_resume_matches(cluster2, small_data, one_node_reference, tmp_path):

@@ -22,7 +22,7 @@ CFG = ["--threads", "1", "--set", "local.epochs=2", "--set", "dnn.epochs=10", "-
        "--set", "coherent.scratch.epochs=2", "--set", "coherent.transfer.epochs=1", "--set", "model.widths=8,16,32",
        "--set", "local.batch_size=32", "--set", "coherent.scratch.batch_size=32", "--set", "global.batch_size=64",
        "--set", "local.augment_shift=0"]
-TIMING = ("seconds", "speedup", "images_per_s", "created", "started", "time")
+TIMING = ("seconds", "speedup", "images_per_s", "created", "started", "time", "comm_bytes", "efficiency")
 
 
 def start(args, ranks=2):
@@ -365,26 +365,31 @@ def test_a_running_run_is_locked(small_data, tmp_path):
 
 def test_data_prepared_again_during_a_run_stops_it(fashion_dir, tmp_path):
     """data_prep --force into DATA while a run reads it (another seed: another validation split): the
-    run stops at the next phase start with one line naming the change, instead of mixing the two.
-    (Opening a shard of the new preparation stops it too: test_data.)"""
+    run stops at the next phase start with one line naming the change, instead of mixing the two
+    (or, if a rank opens a shard of the new preparation first, with the line naming that shard)."""
     from tests.conftest import prepare
 
     data = tmp_path / "data"
     prepare(fashion_dir, data)
     old = json.load(open(data / "manifest.json"))["prep_id"]
     run = str(tmp_path / "run")
-    proc = start(["--data", str(data), "--out", run, *CFG, "--set", "local.epochs=4"])
+    proc = start(["--data", str(data), "--out", run, *CFG, "--set", "local.epochs=8"])
     # both ranks hold every shard they read open (their second subdomains started): the files are replaced
     # under open handles, which keep reading the old preparation
-    wait_for(proc, lambda: all(os.path.exists(os.path.join(run, "local", f"sub_{i:03d}.ckpt.pt")) for i in (1, 3)))
+    wait_for(proc, lambda: all(any(os.path.exists(os.path.join(run, "local", f"sub_{i:03d}{end}"))
+                                   for end in (".ckpt.pt", ".pt")) for i in (1, 3)))
     prepare(fashion_dir, data, extra=["--force", "--seed", "1"])
     new = json.load(open(data / "manifest.json"))["prep_id"]
     assert new != old
     code, out, err = finish(proc, 300)
     lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("Abort(")]  # MPICH's own line
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    assert f"was prepared again during the run (prep id {old} -> {new}); stopped before the aggregate phase" in lines[0]
-    assert "aggregate" not in json.load(open(os.path.join(run, "state.json")))["phases"]
+    assert lines[0].startswith("error: ") and "rank" not in lines[0].split(":")[1]  # agreed: said once, not per rank
+    at_phase = re.search(rf"was prepared again during the run \(prep id {old} -> {new}\); stopped before the (\w+) "
+                         rf"phase", lines[0])
+    assert at_phase or f"holds prep id {new} but the manifest says {old}" in lines[0], lines[0]
+    if at_phase:
+        assert at_phase.group(1) not in json.load(open(os.path.join(run, "state.json")))["phases"]
 
 
 @pytest.fixture()
