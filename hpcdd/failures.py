@@ -150,10 +150,19 @@ def interrupted(world: World | None, run_dir: str | None) -> None:
     """Ctrl-C (SIGINT to mpiexec reaches every rank): one line from rank 0, exit 130."""
     message = ("hpcdd: interrupted (SIGINT); checkpoints written so far are kept"
                + (f": continue with --resume {run_dir}" if run_dir and os.path.isdir(run_dir) else ""))
+    has_run = bool(run_dir) and os.path.isdir(os.path.join(run_dir, "progress"))
     if world is None or world.is_root:
-        if run_dir and os.path.isdir(os.path.join(run_dir, "progress")):
+        print(message, file=sys.stderr, flush=True)  # first: the others abort once RUN/FAILED exists
+        if has_run:
             record_failure(run_dir, message)
-        print(message, file=sys.stderr, flush=True)
+    else:
+        # rank 0 says it and ends every rank; only if it has not within a few seconds (the signal
+        # missed it, or it is deep in a C call) does this rank
+        import time
+
+        time.sleep(3.0)
+        if has_run and record_failure(run_dir, message):
+            print(message, file=sys.stderr, flush=True)
     if world is not None and world.size > 1:
         orderly_exit()
         sys.stderr.flush()
