@@ -26,13 +26,21 @@ class DiskFull(UserError):
     """No space (or quota) left: one line naming the file; what was written before stays usable."""
 
 
+def disk_full(path: str, e: OSError) -> DiskFull | None:
+    """The one-line error for a write into ``path`` that failed with ``e``, if the disk is full."""
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    return DiskFull(f"{path}: no space left on its file system ({e.strerror}); earlier checkpoints are intact: "
+                    f"free space, then continue with --resume")
+
+
 def _atomic_write(path: str, write) -> None:
     try:
         _write_renamed(path, write)
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFull(f"{path}: no space left on its file system ({e.strerror}); earlier checkpoints are "
-                           f"intact: free space, then continue with --resume") from None
+        full = disk_full(path, e)
+        if full is not None:
+            raise full from None
         raise
 
 

@@ -150,7 +150,9 @@ def interrupted(world: World | None, run_dir: str | None) -> None:
     """Ctrl-C (SIGINT to mpiexec reaches every rank): one line from rank 0, exit 130."""
     message = ("hpcdd: interrupted (SIGINT); checkpoints written so far are kept"
                + (f": continue with --resume {run_dir}" if run_dir and os.path.isdir(run_dir) else ""))
-    has_run = bool(run_dir) and os.path.isdir(os.path.join(run_dir, "progress"))
+    from .layout import RunLayout
+
+    has_run = bool(run_dir) and os.path.isdir(RunLayout(run_dir).progress)
     if world is None or world.is_root:
         print(message, file=sys.stderr, flush=True)  # first: the others abort once RUN/FAILED exists
         if has_run:

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
 
@@ -90,6 +89,7 @@ def env_rank() -> int:
 def main(argv=None) -> int:
     world = None
     ctx = None
+    cfg = None
     try:
         args = build_parser().parse_args(argv)
         cfg = resolve_config(args)
@@ -122,17 +122,17 @@ def main(argv=None) -> int:
     except SystemExit:
         raise
     except OSError as e:
+        from .checkpoint import disk_full
         from .failures import report_failure, user_error_exit
 
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        full = disk_full(e.filename or (cfg.out if cfg is not None else "RUN"), e)
+        if full is None:
             report_failure(world, e)
-        user_error_exit(world, f"{e.filename or args.out or args.resume}: no space left on its file system "
-                        f"({e.strerror}); earlier checkpoints are intact: free space, then continue with --resume",
-                        world is None or ctx is None)
+        user_error_exit(world, str(full), world is None or ctx is None)
     except KeyboardInterrupt:
         from .failures import interrupted
 
-        interrupted(world, cfg.out if "cfg" in locals() else None)
+        interrupted(world, cfg.out if cfg is not None else None)
     except BaseException as e:  # noqa: BLE001 - any failure on one rank must end every rank
         from .failures import report_failure
 

@@ -28,7 +28,7 @@ from .parallel import World
 from .phases import BY_NAME
 from .phases.context import RunContext, RunState
 from .progress import Progress, make_plan
-from .watchdog import Watchdog, acquire, beat_interval, check_unlocked
+from .watchdog import Watchdog, acquire, check_unlocked
 
 
 def _validate_data(cfg: Config, world: World) -> Manifest:
@@ -96,6 +96,18 @@ def check_replaceable(out: str, data: str) -> None:
                         f"--force replaces only runs, nothing was deleted")
 
 
+def write_problem(folder: str) -> str | None:
+    """Why a file cannot be created in ``folder`` (None if it can), found by a real write: os.access
+    says yes to root even on a read-only file system."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".hpcdd-write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return e.strerror
+    return None
+
+
 def _check_run_dir(cfg: Config, resume: bool, force: bool) -> RunState:
     out = cfg.out
     layout = RunLayout(out)
@@ -114,12 +126,9 @@ def _check_run_dir(cfg: Config, resume: bool, force: bool) -> RunState:
     if not os.path.isdir(parent):
         raise UserError(f"--out {out}: parent directory {parent} does not exist")
     target = out if os.path.isdir(out) else parent
-    try:  # a real write: os.access says yes to root even on a read-only file system
-        fd, probe = tempfile.mkstemp(prefix=".hpcdd-write-test-", dir=target)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot write in {target} ({e.strerror})") from None
+    problem = write_problem(target)
+    if problem:
+        raise UserError(f"--out {out}: cannot write in {target} ({problem})")
     _needs(cfg, state)
     return state
 
@@ -152,16 +161,11 @@ def check_resume(cfg: Config, manifest: Manifest) -> None:
 def check_shared(cfg: Config, world: World, layout: RunLayout, resume: bool) -> None:
     """Collective: RUN (created by rank 0) must be visible and writable from every node; on a node-local
     path the other nodes would train into their own copy or fail at the first checkpoint."""
-    problem = None
     if not os.path.isdir(layout.progress):
         problem = "it does not exist there"
     else:
-        try:
-            fd, probe = tempfile.mkstemp(prefix=f".probe-{world.rank}-", dir=layout.progress)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as e:
-            problem = f"cannot write in it ({e.strerror})"
+        problem = write_problem(layout.progress)
+        problem = problem and f"cannot write in it ({problem})"
     reports = world.allgather_obj((platform.node(), problem))
     bad = [r for r, (_, p) in enumerate(reports) if p]
     if not bad:
@@ -205,7 +209,6 @@ def prepare(cfg: Config, world: World, resume: bool = False, force: bool = False
 
     manifest, state = world.checked(check)
     layout = RunLayout(cfg.out)
-    beat = beat_interval(cfg.watchdog_timeout)
 
     def create():
         """Rank 0 takes the run directory: created (or replaced) and locked, or locked on resume."""
@@ -244,7 +247,7 @@ def prepare(cfg: Config, world: World, resume: bool = False, force: bool = False
     from .preemption import StopFlag, parse_signals
 
     ctx = RunContext(cfg, world, layout, manifest, state, stop=StopFlag(world, parse_signals(cfg.preemption.signals)))
-    ctx.watchdog = Watchdog(layout, world, cfg.watchdog_timeout, procs, beat).start()
+    ctx.watchdog = Watchdog(layout, world, cfg.watchdog_timeout, procs).start()
     plan = make_plan(cfg, manifest, ctx.models, world.own.table, world.size) if world.is_root else None
     ctx.progress = Progress(layout, world, cfg.phases, plan, cfg.log_interval)
     if world.is_root and manifest.full:

@@ -55,9 +55,9 @@ def describe(ranks: list[int], procs: dict) -> str:
 class Watchdog:
     """One rank's heartbeat thread; see the module docstring."""
 
-    def __init__(self, layout, world, timeout: float, procs: list[dict] | None = None, beat: float | None = None):
+    def __init__(self, layout, world, timeout: float, procs: list[dict] | None = None):
         self.layout, self.world, self.timeout = layout, world, float(timeout)
-        self.beat = beat if beat is not None else beat_interval(self.timeout)
+        self.beat = beat_interval(self.timeout)
         self.procs = {p["rank"]: p for p in procs or []}
         self._stop = threading.Event()
         self._thread = None
@@ -152,22 +152,21 @@ class Watchdog:
 
 
 # ---------------------------------------------------------------------------------------------- lock
-def lock_owner(path: str) -> dict | None:
+def lock_owner(layout) -> dict | None:
     """The live owner of a run's lock, or None when there is none or it is stale: the run recorded a
     failure since it took the lock; on this host its process is gone; on another host its rank 0
     has not refreshed it (every two seconds) for ``LOCK_STALE`` seconds."""
     try:
-        with open(path) as f:
+        with open(layout.lock) as f:
             owner = json.load(f)
-        taken = os.stat(path).st_ctime if "taken" not in owner else float(owner["taken"])
-        age = time.time() - os.stat(path).st_mtime
+        taken = os.stat(layout.lock).st_ctime if "taken" not in owner else float(owner["taken"])
+        age = time.time() - os.stat(layout.lock).st_mtime
     except FileNotFoundError:
         return None
     except (OSError, ValueError, TypeError):
         return None  # a torn lock: its writer died while writing it
-    failed = os.path.join(os.path.dirname(path), "FAILED")
     try:
-        if os.stat(failed).st_mtime >= taken:
+        if os.stat(layout.failed).st_mtime >= taken:
             return None
     except OSError:
         pass
@@ -187,7 +186,7 @@ def describe_owner(owner: dict) -> str:
 
 
 def check_unlocked(layout, what: str) -> None:
-    owner = lock_owner(layout.lock)
+    owner = lock_owner(layout)
     if owner is not None:
         raise UserError(f"{what}: {layout.root} is in use by a running hpcdd-run ({describe_owner(owner)}); "
                         f"wait for it to end or stop it first")

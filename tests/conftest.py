@@ -68,6 +68,18 @@ def small_data(tmp_path_factory, fashion_dir) -> str:
     return str(out)
 
 
+def mounted_tmpfs(tmp_path, size: str):
+    """A generator for a fixture: a real file system of ``size`` (e.g. "3m") that fills up, unmounted after."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """In CI (CI=true) nothing may be skipped: a missing SLURM, MPI or dataset there is a broken

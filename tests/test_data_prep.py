@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from data_prep.sources import read_idx
-from tests.conftest import require_ok, run_python
+from tests.conftest import mounted_tmpfs, require_ok, run_python
 
 
 def write_idx(path, array, gz=True):
@@ -382,16 +382,8 @@ def test_sigterm_leaves_no_partial_output(tmp_path, fashion_dir):
 
 @pytest.fixture()
 def small_disk(tmp_path):
-    """A 3 MB tmpfs: a real file system that fills up."""
-    import subprocess
-
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    """A 3 MB tmpfs."""
+    yield from mounted_tmpfs(tmp_path, "3m")
 
 
 def test_full_disk_is_refused_before_writing(small_disk, fashion_small, tmp_path):

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import env_for_tests, mpiexec_path, require_ok, run_python
+from tests.conftest import env_for_tests, mounted_tmpfs, mpiexec_path, require_ok, run_python
 
 pytestmark = pytest.mark.mpi
 
@@ -394,14 +394,8 @@ def test_data_prepared_again_during_a_run_stops_it(fashion_dir, tmp_path):
 
 @pytest.fixture()
 def disk(tmp_path):
-    """A 90 MB tmpfs: a real file system that fills up."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=90m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    """A 90 MB tmpfs."""
+    yield from mounted_tmpfs(tmp_path, "90m")
 
 
 def test_full_disk_during_a_run_is_one_line_and_resumable(small_data, disk):
