@@ -6,12 +6,15 @@ import os
 import sys
 import time
 
-from hpcdd.cli_util import OneLineParser
+from hpcdd.cli_util import OneLineParser, count
 from hpcdd.decomposition import parse_grid
-from hpcdd.errors import UserError, fail
+from hpcdd.errors import AgreedError, UserError, fail
+
+import numpy as np
 
 from . import sources
-from .writer import check_output, write_dataset
+from .ranks import Ranks, init_ranks
+from .writer import Progress, check_output, chunk_rows, chunks, write_dataset
 
 
 def build_parser() -> OneLineParser:
@@ -40,9 +43,27 @@ def build_parser() -> OneLineParser:
     p.add_argument("--name", help="dataset name recorded in the manifest (default: from INPUT)")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split and subsets (default 0)")
     p.add_argument("--no-full", action="store_true", help="do not write full.h5 (no global CNN baseline)")
+    p.add_argument("--split-draw", choices=("content", "position"), default="content",
+                   help="order of the seeded test/validation/subset draws: content (default; a hash of each image's "
+                        "pixels, so the split is the same from any source format or file order; costs one extra "
+                        "decoding pass for image folders) or position (source order; as before version 0.4)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="imagefolder: skip files that cannot be decoded (listed in the manifest) instead of stopping")
+    p.add_argument("--workers", type=count(1), metavar="N",
+                   help="imagefolder: decoding processes per rank (default: the cores of this rank)")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="S",
+                   help="under srun/mpiexec: longest wait for another rank's part, in seconds (default 600)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     return p
+
+
+def default_workers() -> int:
+    """The cores of this process, shared with the other tasks a launcher put on this node."""
+    from hpcdd.launcher import world_info
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, world_info(os.environ).local_size or 1))
 
 
 def load_source(args) -> sources.Source:
@@ -60,22 +81,74 @@ def load_source(args) -> sources.Source:
             if len(args.size) != 2 or min(args.size) < 1:
                 raise UserError(f"--size {' '.join(map(str, args.size))}: expected H W, two positive numbers")
             size = tuple(args.size)
-        return sources.load_imagefolder(args.input, args.name, size, args.channels, args.test_fraction, args.seed)
+        decoder = sources.Decoder(args.workers or default_workers())
+        return sources.load_imagefolder(args.input, args.name, size, args.channels, decoder)
     if args.num_classes is not None and args.num_classes < 2:
         raise UserError(f"--num-classes {args.num_classes}: expected at least 2")
-    return sources.load_npz(args.input, args.name, True if args.volume else None, args.num_classes,
-                            args.test_fraction, args.seed)
+    return sources.load_npz(args.input, args.name, True if args.volume else None, args.num_classes)
 
 
-def subset(split: sources.Split, n: int | None, seed: int, option: str) -> sources.Split:
-    if n is None or n >= len(split.y):
-        return split
-    if n < 1:
-        raise UserError(f"{option} {n}: expected a positive number of images")
-    import numpy as np
+def scan(split: sources.Split, ranks: Ranks, skip_bad: bool, progress) -> tuple[sources.Split, np.ndarray, list]:
+    """One pass over a split: the content id of every image (and, with --skip-bad, the files that
+    cannot be decoded, dropped from the split). Finds a corrupt file before anything is written."""
+    x = sources.Images.of(split.x)
+    rows = chunk_rows(x.shape[1:], x.dtype.itemsize)
+    ids, skipped = [], []
+    for a, b in chunks(len(split.y), rows):
+        if skip_bad:
+            h, messages = ranks.bad(x, np.arange(a, b))
+            skipped += messages
+        else:
+            h = ranks.hashes(x, np.arange(a, b))
+        ids.append(h)
+        progress.update(b - a)
+    ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    if skip_bad and (ids < 0).any():
+        keep = np.flatnonzero(ids >= 0)
+        split, ids = split.take(keep), ids[keep]
+    return split, ids, skipped
 
-    keep = np.sort(np.random.default_rng(seed).permutation(len(split.y))[:n])
-    return sources.Split(split.x[keep], split.y[keep], split.ids[keep])
+
+def prepare_source(source: sources.Source, args, ranks: Ranks):
+    """Content ids, bad files, the test split of single-split sources, --max-* subsets: (source,
+    content ids of its training images or None, skipped files)."""
+    content = args.split_draw == "content"
+    order = {"train": None, "test": None}
+    skipped = []
+    if content or args.skip_bad:
+        parts = [s for s in (source.train, source.test) if s is not None]
+        bar = Progress(sum(len(s.y) for s in parts), "hashing images", None if not args.quiet and ranks.is_root
+                       else False)
+        source.train, order["train"], bad = scan(source.train, ranks, args.skip_bad, bar)
+        skipped += bad
+        if source.test is not None:
+            source.test, order["test"], bad = scan(source.test, ranks, args.skip_bad, bar)
+            skipped += bad
+        bar.close()
+        if skipped:  # positions among the files that could be read
+            n = len(source.train.y)
+            source.train.ids = np.arange(n, dtype=np.int64)
+            if source.test is not None:
+                source.test.ids = n + np.arange(len(source.test.y), dtype=np.int64)
+        if not content:
+            order = {"train": None, "test": None}
+    if source.test is None:
+        kept, held = sources.stratified_split(source.train.y, args.test_fraction, args.seed, "--test-fraction",
+                                              order["train"])
+        whole, o = source.train, order["train"]
+        source.train, source.test = whole.take(kept), whole.take(held)
+        order = {"train": None if o is None else o[kept], "test": None if o is None else o[held]}
+    for name, n, seed, option in (("train", args.max_train, args.seed, "--max-train"),
+                                  ("test", args.max_test, args.seed + 1, "--max-test")):
+        split = getattr(source, name)
+        if n is None or n >= len(split.y):
+            continue
+        if n < 1:
+            raise UserError(f"{option} {n}: expected a positive number of images")
+        keep = sources.random_subset(len(split.y), n, seed, order[name])
+        setattr(source, name, split.take(keep))
+        order[name] = None if order[name] is None else order[name][keep]
+    return source, order["train"], skipped
 
 
 def summary(manifest: dict, out: str, seconds: float) -> str:
@@ -95,19 +168,30 @@ def summary(manifest: dict, out: str, seconds: float) -> str:
     return "\n".join(lines)
 
 
-def run(argv=None) -> dict:
+def run(argv=None, ranks: Ranks | None = None) -> dict:
+    """Parse, load, draw the splits, write; under a launcher every rank takes part (see ranks.py)."""
     args = build_parser().parse_args(argv)
-    grid = parse_grid(args.grid)
-    check_output(args.out, args.force, [args.input])
+    if args.timeout <= 0:
+        raise UserError(f"--timeout {args.timeout}: expected a positive number of seconds")
+    ranks = ranks or init_ranks(args.timeout)
+    grid = ranks.together(lambda: parse_grid(args.grid))
+    ranks.agree(lambda: check_output(args.out, args.force, [args.input]))
     start = time.perf_counter()
-    source = load_source(args)
-    source.train = subset(source.train, args.max_train, args.seed, "--max-train")
-    if source.test is not None:
-        source.test = subset(source.test, args.max_test, args.seed + 1, "--max-test")
-    manifest = write_dataset(source, args.out, grid, args.overlap, args.margin, args.val_fraction, args.seed,
-                             force=args.force, full=not args.no_full, progress=None if not args.quiet else False)
-    if not args.quiet:
+    source = ranks.together(lambda: load_source(args))
+    try:
+        source, order, skipped = prepare_source(source, args, ranks)
+        extra = {"skipped": skipped} if args.skip_bad else None
+        manifest = write_dataset(source, args.out, grid, args.overlap, args.margin, args.val_fraction, args.seed,
+                                 force=args.force, full=not args.no_full,
+                                 progress=None if not args.quiet else False, ranks=ranks, order=order, extra=extra)
+    finally:
+        source.close()
+    if not args.quiet and ranks.is_root:
         print(summary(manifest, args.out, time.perf_counter() - start), flush=True)
+        if skipped:
+            print(f"skipped {len(skipped)} file(s) that could not be decoded (listed in manifest.json):", flush=True)
+            for line in skipped[:10]:
+                print(f"  {line}", flush=True)
     return manifest
 
 
@@ -123,9 +207,19 @@ def main(argv=None) -> int:
     import signal
 
     signal.signal(signal.SIGTERM, _terminate)
+    ranks = None
     try:
-        run(argv)
-    except UserError as e:
+        args = build_parser().parse_args(argv)
+        ranks = init_ranks(args.timeout if args.timeout > 0 else 600.0)
+        run(argv, ranks)
+    except AgreedError as e:  # every rank knows: rank 0 says it
+        if ranks is not None and not ranks.is_root:
+            return 2
+        fail(str(e))
+    except UserError as e:  # this rank alone: say it and end the others
+        if ranks is not None and ranks.size > 1:
+            print(f"error: rank {ranks.rank}: {e}", file=sys.stderr, flush=True)
+            ranks.abort(2)
         fail(str(e))
     except KeyboardInterrupt:
         print("data_prep: interrupted; nothing was written", file=sys.stderr)

@@ -1,7 +1,9 @@
-"""Readers of the supported source formats. Each returns a ``Source`` with whole-image arrays.
+"""Readers of the supported source formats. Each returns a ``Source`` whose images are read on demand.
 
-Arrays are ``(n, C, H, W)`` (2D) or ``(n, C, D, H, W)`` (3D), ``uint8`` (pixels in 0..255) or
-``float32`` (any scale); labels are ``int64``; sample ids are stable indices into the source.
+Images are ``(n, C, H, W)`` (2D) or ``(n, C, D, H, W)`` (3D), ``uint8`` (pixels in 0..255) or
+``float32`` (any scale); labels are ``int64``; sample ids are positions in the source (train, then
+test). Only labels, file names and array headers are held in memory: pixels come in chunks
+(``Images.read``), so a conversion needs memory for one chunk, whatever the dataset's size.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ import gzip
 import hashlib
 import os
 import pickle
+import shutil
 import struct
+import tempfile
 import zipfile
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,14 +26,85 @@ from hpcdd.errors import UserError
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+class Images:
+    """``n`` images of one shape and dtype, read by row numbers (ascending) in chunks.
+
+    ``read(rows)`` returns an array ``(len(rows), C, ...)``; ``take(rows)`` is a lazy subset;
+    ``hashes(rows)`` the content ids of those images (``content_ids``). A numpy array (or memmap)
+    is wrapped by ``Images.of``.
+    """
+
+    def __init__(self, n: int, item_shape: tuple, dtype, read, files=None):
+        self.n, self.item_shape, self.dtype, self._read = n, tuple(item_shape), np.dtype(dtype), read
+        self.files = files  # one file per image (image folders), for messages and --skip-bad
+
+    @classmethod
+    def of(cls, a, convert=None, dtype=None, item_shape=None) -> "Images":
+        if isinstance(a, Images):
+            return a
+
+        def read(rows):
+            if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
+                block = np.asarray(a[rows[0]:rows[-1] + 1])
+            else:
+                block = np.asarray(a[rows])
+            return convert(block) if convert else block
+        return cls(len(a), item_shape or a.shape[1:], dtype or a.dtype, read)
+
+    @property
+    def shape(self) -> tuple:
+        return (self.n,) + self.item_shape
+
+    def __len__(self) -> int:
+        return self.n
+
+    def read(self, rows) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return np.zeros((0,) + self.item_shape, self.dtype)
+        return self._read(rows)
+
+    def hashes(self, rows) -> np.ndarray:
+        return content_ids(self.read(rows))
+
+    def bad(self, rows) -> tuple[np.ndarray, list[str]]:
+        """(hashes with -1 for undecodable images, their messages): for --skip-bad."""
+        return self.hashes(rows), []
+
+    def take(self, rows) -> "Images":
+        rows = np.asarray(rows, dtype=np.int64)
+        sub = Images(len(rows), self.item_shape, self.dtype, lambda r: self._read(rows[r]),
+                     None if self.files is None else [self.files[i] for i in rows])
+        base = self
+        sub.hashes = lambda r: base.hashes(rows[np.asarray(r, dtype=np.int64)])
+        sub.bad = lambda r: base.bad(rows[np.asarray(r, dtype=np.int64)])
+        return sub
+
+
+def content_ids(x: np.ndarray) -> np.ndarray:
+    """A 63-bit hash of each image's pixels (with dtype and shape): the same image gives the same
+    value from any source format (a CIFAR pickle, a PNG of it), so a draw ordered by it is a
+    function of the images, not of file order."""
+    x = np.ascontiguousarray(x)
+    tag = f"{x.dtype.str}{x.shape[1:]}".encode()
+    out = np.empty(len(x), dtype=np.int64)
+    for i in range(len(x)):
+        h = hashlib.blake2b(x[i].tobytes(), digest_size=8, person=b"hpcdd-id")
+        h.update(tag)
+        out[i] = int.from_bytes(h.digest(), "little") >> 1
+    return out
 
 
 @dataclass
 class Split:
-    x: np.ndarray
+    x: "Images | np.ndarray"
     y: np.ndarray
     ids: np.ndarray
+
+    def take(self, rows) -> "Split":
+        return Split(Images.of(self.x).take(rows), self.y[rows], self.ids[rows])
 
 
 @dataclass
@@ -39,13 +113,19 @@ class Source:
     kind: str
     classes: list[str]
     train: Split
-    test: Split | None
+    test: Split | None  # None: a single-split source; data_prep draws the test split (--test-fraction)
     files: list[str] = field(default_factory=list)
     description: str = ""
+    cleanup: list = field(default_factory=list)  # temporary files to remove when done
 
     @property
     def image_shape(self) -> tuple[int, ...]:
         return tuple(self.train.x.shape[1:])
+
+    def close(self) -> None:
+        for f in self.cleanup:
+            f.close()
+        self.cleanup.clear()
 
 
 def file_checksum(paths: list[str]) -> str:
@@ -98,25 +178,61 @@ def _read_maybe_gzip(path: str) -> bytes:
     return data
 
 
-def read_idx(path: str) -> np.ndarray:
-    """Read one IDX file (MNIST format), gzipped or raw."""
-    data = _read_maybe_gzip(path)
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def _idx_header(head: bytes, size: int, path: str):
+    """(dtype, shape, offset) from an IDX header; ``size`` is the whole (uncompressed) length."""
+    if len(head) < 4 or head[0] != 0 or head[1] != 0:
         raise UserError(f"{path}: not an IDX file (bad magic number)")
-    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-    code, ndim = data[2], data[3]
-    if code not in dtypes or ndim == 0:
+    code, ndim = head[2], head[3]
+    if code not in IDX_TYPES or ndim == 0:
         raise UserError(f"{path}: not an IDX file (unknown type code 0x{code:02x})")
-    header = 4 + 4 * ndim
-    if len(data) < header:
+    offset = 4 + 4 * ndim
+    if size < offset or len(head) < offset:
         raise UserError(f"{path}: truncated IDX header")
-    shape = struct.unpack(f">{ndim}I", data[4:header])
-    dtype = np.dtype(dtypes[code])
+    shape = struct.unpack(f">{ndim}I", head[4:offset])
+    dtype = np.dtype(IDX_TYPES[code])
     expected = int(np.prod(shape)) * dtype.itemsize
-    if len(data) - header != expected:
+    if size - offset != expected:
         raise UserError(f"{path}: truncated or corrupt: header says shape {shape} ({expected} bytes) "
-                        f"but the file holds {len(data) - header} bytes of data")
-    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+                        f"but the file holds {size - offset} bytes of data")
+    return dtype, shape, offset
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Read one IDX file (MNIST format), gzipped or raw, into memory (labels; small files)."""
+    data = _read_maybe_gzip(path)
+    dtype, shape, offset = _idx_header(data[:64], len(data), path)
+    return np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
+
+
+def map_idx(path: str, cleanup: list) -> np.ndarray:
+    """An IDX file as a read-only memmap; a gzipped one is first inflated, chunk by chunk, into an
+    unnamed temporary file (removed when the source is closed)."""
+    try:
+        f = open(path, "rb")
+        magic = f.read(2)
+        f.seek(0)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read: {e.strerror}") from None
+    if magic == b"\x1f\x8b":
+        raw = tempfile.TemporaryFile(dir=os.environ.get("TMPDIR"))
+        try:
+            with f, gzip.GzipFile(fileobj=f) as z:
+                shutil.copyfileobj(z, raw, 1 << 22)
+        except (OSError, EOFError, zlib.error) as e:
+            raw.close()
+            raise UserError(f"{path}: corrupt or truncated gzip file ({e})") from None
+        f = raw
+    cleanup.append(f)
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
+    f.seek(0)
+    dtype, shape, offset = _idx_header(f.read(64), size, path)
+    if int(np.prod(shape)) == 0:
+        return np.zeros(shape, dtype)
+    return np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
 def _find_one(directory: str, split: str, what: str) -> str | None:
@@ -139,7 +255,7 @@ def load_idx(path: str, name: str | None = None) -> Source:
     if not os.path.isdir(path):
         raise UserError(f"{path}: not a directory; expected a folder with train-images-idx3-ubyte[.gz] "
                         f"and train-labels-idx1-ubyte[.gz] (and t10k-* for the test split)")
-    splits, files = {}, []
+    splits, files, cleanup = {}, [], []
     for split in ("train", "test"):
         images, labels = _find_one(path, split, "images"), _find_one(path, split, "labels")
         if split == "train" and (images is None or labels is None):
@@ -150,12 +266,13 @@ def load_idx(path: str, name: str | None = None) -> Source:
         if images is None or labels is None:
             raise UserError(f"{path}: found {split} {'labels' if images is None else 'images'} "
                             f"but no matching {split} {'images' if images is None else 'labels'}")
-        x, y = read_idx(images), read_idx(labels)
+        x, y = map_idx(images, cleanup), read_idx(labels)
         if x.ndim != 3:
             raise UserError(f"{images}: expected images (n, H, W), got shape {x.shape}")
         _check_counts(x, y, f"{images} / {labels}")
         y = _check_labels(y, 10, labels)
-        splits[split] = (x[:, None].astype(np.uint8), y)
+        splits[split] = (Images.of(_with_channel(x)) if x.dtype == np.uint8
+                         else Images.of(_with_channel(x), lambda b: b.astype(np.uint8), np.uint8), y)
         files += [images, labels]
     xtr, ytr = splits["train"]
     train = Split(xtr, ytr, np.arange(len(ytr), dtype=np.int64))
@@ -168,7 +285,20 @@ def load_idx(path: str, name: str | None = None) -> Source:
     label = (name or os.path.basename(os.path.normpath(path))).lower()
     classes = FASHION_CLASSES if "fashion" in label else [str(k) for k in range(10)]
     return Source(name or os.path.basename(os.path.normpath(path)), "idx", classes, train, test, files,
-                  f"IDX files in {os.path.abspath(path)}")
+                  f"IDX files in {os.path.abspath(path)}", cleanup)
+
+
+class _with_channel:
+    """(n, H, W) seen as (n, 1, H, W) without a copy."""
+
+    def __init__(self, a):
+        self.a, self.shape, self.dtype = a, (a.shape[0], 1) + a.shape[1:], a.dtype
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, rows):
+        return self.a[rows][:, None]
 
 
 # ------------------------------------------------------------------------------------ cifar
@@ -194,6 +324,33 @@ def _cifar_batch(path: str, label_key: bytes, num_classes: int):
     return x.reshape(-1, 3, 32, 32), _check_labels(y, num_classes, path)
 
 
+class _CifarImages:
+    """The images of several CIFAR batch files, one file in memory at a time (rows come ascending)."""
+
+    def __init__(self, paths: list[str], counts: list[int], label_key: bytes, k: int):
+        self.paths, self.label_key, self.k = paths, label_key, k
+        self.starts = np.concatenate([[0], np.cumsum(counts)])
+        self.shape, self.dtype = (int(self.starts[-1]), 3, 32, 32), np.dtype(np.uint8)
+        self._cached = (None, None)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def _batch(self, j: int) -> np.ndarray:
+        if self._cached[0] != j:
+            self._cached = (j, _cifar_batch(self.paths[j], self.label_key, self.k)[0])
+        return self._cached[1]
+
+    def __getitem__(self, rows):
+        rows = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows)
+        out = np.empty((len(rows), 3, 32, 32), np.uint8)
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        for j in np.unique(which):
+            sel = which == j
+            out[sel] = self._batch(int(j))[rows[sel] - self.starts[j]]
+        return out
+
+
 def load_cifar(path: str, name: str | None = None, hundred: bool = False) -> Source:
     """torchvision's ``cifar-10-batches-py`` (or ``cifar-100-python``) pickle directory."""
     if not os.path.isdir(path):
@@ -211,8 +368,9 @@ def load_cifar(path: str, name: str | None = None, hundred: bool = False) -> Sou
     classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[names_key]]
     parts = {}
     for split, names in (("train", train_files), ("test", test_files)):
-        xs, ys = zip(*(_cifar_batch(os.path.join(path, f), label_key, k) for f in names))
-        parts[split] = (np.concatenate(xs), np.concatenate(ys))
+        paths = [os.path.join(path, f) for f in names]
+        ys = [_cifar_batch(p, label_key, k)[1] for p in paths]  # one file at a time: labels only kept
+        parts[split] = (Images.of(_CifarImages(paths, [len(y) for y in ys], label_key, k)), np.concatenate(ys))
     xtr, ytr = parts["train"]
     xte, yte = parts["test"]
     files = [os.path.join(path, f) for f in [meta_file] + train_files + test_files]
@@ -223,13 +381,31 @@ def load_cifar(path: str, name: str | None = None, hundred: bool = False) -> Sou
 
 
 # ------------------------------------------------------------------------------ imagefolder
+TORCHVISION_DECODES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
+
+
+def image_suffixes() -> tuple[str, ...]:
+    """torchvision's ImageFolder extensions (``IMG_EXTENSIONS``), plus .gif."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return tuple(IMG_EXTENSIONS) + (".gif",)
+
+
 def _class_folders(path: str) -> list[str]:
-    return sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and not d.startswith("."))
+    """torchvision's class discovery (sorted sub-folders), without hidden folders."""
+    from torchvision.datasets.folder import find_classes
+
+    try:
+        return [c for c in find_classes(path)[0] if not c.startswith(".")]
+    except FileNotFoundError:
+        return []
 
 
-def _image_files(folder: str) -> list[str]:
+def _image_files(folder: str, suffixes) -> list[str]:
+    from torchvision.datasets.folder import has_file_allowed_extension
+
     return sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                  if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith("."))
+                  if has_file_allowed_extension(f, suffixes) and not f.startswith("."))
 
 
 def _eight_bit(im, path: str):
@@ -248,24 +424,61 @@ def _eight_bit(im, path: str):
     return im
 
 
-def _check_memory(count: int, shape, itemsize: int, what: str) -> None:
-    """Refuse a conversion whose images cannot fit in memory, before decoding any (e.g. an absurd --size).
-    Conversion holds about three copies (decoded, stacked, split)."""
-    need = 3 * count * float(np.prod(shape, dtype=np.float64)) * itemsize
+def check_image_memory(shape, itemsize: int, what: str) -> None:
+    """Refuse, before decoding any, images that cannot fit in memory even one chunk at a time
+    (e.g. an absurd --size): a chunk holds at least one image, about three copies of it."""
+    need = 3 * float(np.prod(shape, dtype=np.float64)) * itemsize
     try:
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         return
     if need > 0.8 * avail:
-        raise UserError(f"{what}: {count} images of {'x'.join(map(str, shape))} need {need / 1e9:.1f} GB in memory, "
-                        f"but {avail / 1e9:.1f} GB are available; choose a smaller --size or fewer images")
+        raise UserError(f"{what}: one image of {'x'.join(map(str, shape))} needs {need / 1e9:.1f} GB in memory while "
+                        f"it is converted, but {avail / 1e9:.1f} GB are available; choose a smaller --size")
 
 
-def _load_image(path: str, size: tuple[int, int] | None, channels: int):
+def _sixteen_bit_png(data: bytes) -> bool:
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 24 and data[24] == 16
+
+
+def decode_file(path: str, size, channels: int) -> np.ndarray:
+    """One image file as (C, H, W) uint8, resized (bilinear, antialiased) to ``size`` if given.
+
+    JPEG, PNG, WebP and GIF are decoded by ``torchvision.io.decode_image`` (libjpeg-turbo, libpng;
+    measured at least as fast as PIL here, benchmarks/bench_data_prep.py); BMP, TIFF, PPM and
+    16-bit PNGs (scaled, not clipped) go through PIL.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read image ({e.strerror})") from None
+    if path.lower().endswith(TORCHVISION_DECODES) and not _sixteen_bit_png(data):
+        import torch
+        from torchvision.io import ImageReadMode, decode_image
+
+        try:
+            t = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                             mode=ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB)
+        except (RuntimeError, ValueError) as e:
+            raise UserError(f"{path}: cannot decode image ({str(e).splitlines()[0][:120]})") from None
+        if t.dim() == 4:  # an animated GIF: its first frame
+            t = t[0]
+        if size is not None and tuple(t.shape[1:]) != tuple(size):
+            from torchvision.transforms.v2 import functional as TF
+
+            t = TF.resize(t, list(size), antialias=True)
+        return t.numpy()
+    return _decode_pil(path, data, size, channels)
+
+
+def _decode_pil(path: str, data: bytes, size, channels: int) -> np.ndarray:
+    import io
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             im = _eight_bit(im, path)
             im = im.convert("L" if channels == 1 else "RGB")
             if size is not None and im.size != (size[1], size[0]):
@@ -276,58 +489,130 @@ def _load_image(path: str, size: tuple[int, int] | None, channels: int):
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
-def _load_folder_split(root: str, classes: list[str], size, channels: int, where: str):
+def _decode_many(paths: list[str], size, channels: int, what: str):
+    """Worker task: "pixels" -> (n, C, H, W); "hashes" -> content ids; "check" -> (ids, -1 where the
+    file cannot be decoded, messages)."""
+    import torch
+
+    torch.set_num_threads(1)
+    if what == "pixels":
+        out = [decode_file(p, size, channels) for p in paths]
+        shapes = {a.shape for a in out}
+        if len(shapes) > 1:
+            raise UserError(f"{paths[0]}: images of different sizes; give --size H W to resize them")
+        return np.stack(out)
+    ids, messages = np.full(len(paths), -1, np.int64), []
+    for j, p in enumerate(paths):
+        try:
+            a = decode_file(p, size, channels)
+        except UserError as e:
+            if what != "check":
+                raise
+            messages.append(str(e))
+            continue
+        ids[j] = content_ids(a[None])[0]
+    return (ids, messages) if what == "check" else ids
+
+
+class Decoder:
+    """A pool of ``workers`` processes decoding image files (one process: decoded in place)."""
+
+    def __init__(self, workers: int = 1):
+        self.workers, self._pool = max(1, workers), None
+
+    def map(self, paths: list[str], size, channels: int, what: str) -> list:
+        pieces = max(1, min(len(paths), 4 * self.workers))
+        bounds = np.linspace(0, len(paths), pieces + 1).astype(int)
+        parts = [paths[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        if self.workers == 1 or len(parts) == 1:
+            return [_decode_many(p, size, channels, what) for p in parts]
+        if self._pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # spawn: the parent may hold torch threads, which a fork would copy half-initialised
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        return list(self._pool.map(_decode_many, parts, [size] * len(parts), [channels] * len(parts),
+                                   [what] * len(parts)))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+class FolderImages(Images):
+    """Image files decoded on demand by a ``Decoder``."""
+
+    def __init__(self, files: list[str], size, channels: int, decoder: Decoder):
+        self.size, self.channels, self.decoder = size, channels, decoder
+        super().__init__(len(files), (channels,) + tuple(size), np.uint8, self._decode, files)
+
+    def _decode(self, rows) -> np.ndarray:
+        return np.concatenate(self.decoder.map([self.files[i] for i in rows], self.size, self.channels, "pixels"))
+
+    def hashes(self, rows) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return np.zeros(0, np.int64)
+        return np.concatenate(self.decoder.map([self.files[i] for i in rows], self.size, self.channels, "hashes"))
+
+    def bad(self, rows):
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return np.zeros(0, np.int64), []
+        parts = self.decoder.map([self.files[i] for i in rows], self.size, self.channels, "check")
+        return np.concatenate([p[0] for p in parts]), [m for p in parts for m in p[1]]
+
+
+def _folder_split(root: str, classes: list[str], where: str):
     files, labels = [], []
+    suffixes = image_suffixes()
     for k, c in enumerate(classes):
         folder = os.path.join(root, c)
-        found = _image_files(folder) if os.path.isdir(folder) else []
+        found = _image_files(folder, suffixes) if os.path.isdir(folder) else []
         if not found:
             raise UserError(f"{folder}: empty class folder; expected image files "
-                            f"({', '.join(IMAGE_SUFFIXES[:3])}, ...)")
+                            f"({', '.join(suffixes[:3])}, ...)")
         files += found
         labels += [k] * len(found)
-    if size is None:
-        size = _load_image(files[0], None, channels).shape[1:]
-    _check_memory(len(files), (channels,) + tuple(size), 1, where)
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        images = list(pool.map(lambda p: _load_image(p, size, channels), files))
-    shapes = {im.shape for im in images}
-    if len(shapes) > 1:
-        raise UserError(f"{where}: images of different sizes; give --size H W to resize them")
-    return np.stack(images), np.asarray(labels, dtype=np.int64), files, tuple(size)
+    return files, np.asarray(labels, dtype=np.int64)
 
 
 def load_imagefolder(path: str, name: str | None = None, size=None, channels: int = 3,
-                     test_fraction: float = 0.2, seed: int = 0) -> Source:
-    """One folder per class of JPEG/PNG files; ``train/`` and ``test/`` subfolders if split."""
+                     decoder: Decoder | None = None) -> Source:
+    """One folder per class of JPEG/PNG files (torchvision's ImageFolder layout); ``train/`` and
+    ``test/`` (or ``val/``) subfolders if split. Nothing is decoded here but the first image (for
+    its size when ``size`` is not given)."""
     if not os.path.isdir(path):
         raise UserError(f"{path}: not a directory; expected one sub-folder of images per class")
+    decoder = decoder or Decoder()
     top = _class_folders(path)
     presplit = "train" in top and ("test" in top or "val" in top)
     root = os.path.join(path, "train") if presplit else path
     classes = _class_folders(root)
     if not classes:
         raise UserError(f"{root}: no class folders; expected one sub-folder of images per class")
-    x, y, files, size = _load_folder_split(root, classes, size, channels, root)
+    files, y = _folder_split(root, classes, root)
+    if size is None:
+        size = tuple(decode_file(files[0], None, channels).shape[1:])
+    check_image_memory((channels,) + tuple(size), 1, root)
+    train = Split(FolderImages(files, size, channels, decoder), y, np.arange(len(y), dtype=np.int64))
+    test = None
     if presplit:
         test_root = os.path.join(path, "test" if "test" in top else "val")
         if _class_folders(test_root) != classes:
             raise UserError(f"{test_root}: class folders differ from {root}")
-        xte, yte, tfiles, _ = _load_folder_split(test_root, classes, size, channels, test_root)
-        train = Split(x, y, np.arange(len(y), dtype=np.int64))
-        test = Split(xte, yte, len(y) + np.arange(len(yte), dtype=np.int64))
-        files += tfiles
-    else:
-        ids = np.arange(len(y), dtype=np.int64)
-        tr, te = stratified_split(y, test_fraction, seed, "--test-fraction")
-        train, test = Split(x[tr], y[tr], ids[tr]), Split(x[te], y[te], ids[te])
+        tfiles, yte = _folder_split(test_root, classes, test_root)
+        test = Split(FolderImages(tfiles, size, channels, decoder), yte, len(y) + np.arange(len(yte), dtype=np.int64))
+        files = files + tfiles
     return Source(name or os.path.basename(os.path.normpath(path)), "imagefolder", classes, train, test,
-                  files, f"image folder {os.path.abspath(path)} resized to {size[0]}x{size[1]}")
+                  files, f"image folder {os.path.abspath(path)} resized to {size[0]}x{size[1]}", [decoder])
 
 
 # -------------------------------------------------------------------------------------- npz
-def _npz_images(a: np.ndarray, key: str, path: str, volume: bool | None) -> np.ndarray:
-    """Bring x to (n, C, H, W) or (n, C, D, H, W)."""
+def _npz_images(a, key: str, path: str, volume: bool | None) -> Images:
+    """x as (n, C, H, W) or (n, C, D, H, W), converted chunk by chunk as it is read."""
     if a.dtype == object:
         raise UserError(f"{path}: {key} holds images of different sizes (object array); "
                         f"expected one array (n, H, W[, C]) with all images the same size")
@@ -337,45 +622,87 @@ def _npz_images(a: np.ndarray, key: str, path: str, volume: bool | None) -> np.n
         volume = a.ndim == 5 or (a.ndim == 4 and a.shape[-1] > 4)
     if not volume:
         if a.ndim == 3:
-            a = a[:, None]
+            order = None
         elif a.ndim == 4:
-            a = a.transpose(0, 3, 1, 2)
+            order = (0, 3, 1, 2)
         else:
             raise UserError(f"{path}: {key} has shape {a.shape}; expected (n, H, W) or (n, H, W, C)")
     else:
         if a.ndim == 4:
-            a = a[:, None]
+            order = None
         elif a.ndim == 5:
-            a = a.transpose(0, 4, 1, 2, 3)
+            order = (0, 4, 1, 2, 3)
         else:
             raise UserError(f"{path}: {key} has shape {a.shape}; expected volumes (n, D, H, W[, C])")
-    if a.dtype != np.uint8:
-        a = a.astype(np.float32)
-        if not np.all(np.isfinite(a)):
-            raise UserError(f"{path}: {key} contains NaN or Inf values")
-    return np.ascontiguousarray(a)
+    shape = a.shape[1:] if order is None else tuple(a.shape[i] for i in order[1:])
+    if order is None:
+        shape = (1,) + shape
+    dtype = np.uint8 if a.dtype == np.uint8 else np.float32
+
+    def convert(block):
+        block = block[:, None] if order is None else block.transpose(order)
+        if dtype == np.float32:
+            block = block.astype(np.float32)
+            if not np.all(np.isfinite(block)):
+                raise UserError(f"{path}: {key} contains NaN or Inf values")
+        return np.ascontiguousarray(block)
+
+    return Images.of(a, convert, dtype, tuple(shape))
 
 
-def load_npz(path: str, name: str | None = None, volume: bool | None = None, num_classes=None,
-             test_fraction: float = 0.2, seed: int = 0) -> Source:
-    """Arrays ``x`` and ``y`` (and optionally ``x_test``, ``y_test``, ``classes``) in one .npz."""
+def _npy_header(f):
+    """(shape, fortran_order, dtype) of an .npy stream (format 1.0 or 2.0), positioned at the data after."""
+    version = np.lib.format.read_magic(f)
+    read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+    if read is None:
+        return None
+    return read(f)
+
+
+def _npz_member(z: zipfile.ZipFile, handle, key: str, path: str):
+    """An uncompressed member as a read-only memmap (no copy in memory); a compressed one loaded."""
+    info = z.getinfo(key + ".npy")
+    if info.compress_type == zipfile.ZIP_STORED:
+        handle.seek(info.header_offset)
+        local = handle.read(30)
+        if local[:4] == b"PK\x03\x04":
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            start = info.header_offset + 30 + name_len + extra_len
+            handle.seek(start)
+            header = _npy_header(handle)
+            shape, fortran, dtype = header or ((), True, np.dtype(object))
+            if header and not fortran and not dtype.hasobject:
+                if int(np.prod(shape)) == 0:
+                    return np.zeros(shape, dtype)
+                return np.memmap(handle, dtype=dtype, mode="r", offset=handle.tell(), shape=shape)
+    with z.open(info) as f:
+        header = _npy_header(f)
+        if header and header[2].hasobject:
+            raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+    return np.load(path, allow_pickle=False)[key]
+
+
+def load_npz(path: str, name: str | None = None, volume: bool | None = None, num_classes=None) -> Source:
+    """Arrays ``x`` and ``y`` (and optionally ``x_test``, ``y_test``, ``classes``) in one .npz; members
+    stored uncompressed (``np.savez``) are memory-mapped, compressed ones (``savez_compressed``) loaded."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file; expected an .npz with arrays x and y")
     try:
-        z = np.load(path, allow_pickle=False)
-        keys = set(z.files)
+        handle = open(path, "rb")
+        z = zipfile.ZipFile(handle)
+        keys = {n[:-4] for n in z.namelist() if n.endswith(".npy")}
     except (OSError, ValueError, zlib.error, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"{path}: not a readable .npz file ({e})") from None
 
     def get(key):
         try:
-            return z[key]
+            return _npz_member(z, handle, key, path)
         except ValueError as e:
-            if "allow_pickle" in str(e):
+            if "allow_pickle" in str(e) or "Object arrays" in str(e):
                 raise UserError(f"{path}: {key} holds images of different sizes or Python objects; "
                                 f"expected one numeric array with all images the same size") from None
             raise UserError(f"{path}: cannot read {key} ({e})") from None
-        except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as e:
+        except (OSError, EOFError, zlib.error, zipfile.BadZipFile, KeyError) as e:
             raise UserError(f"{path}: corrupt or truncated ({key}: {e})") from None
 
     for key in ("x", "y"):
@@ -384,47 +711,56 @@ def load_npz(path: str, name: str | None = None, volume: bool | None = None, num
     classes = [str(c) for c in get("classes")] if "classes" in keys else None
     k = len(classes) if classes else num_classes
     x = _npz_images(get("x"), "x", path, volume)
-    y = get("y")
+    y = np.asarray(get("y"))
     _check_counts(x, y, f"{path} (x, y)")
     y = _check_labels(y, k, f"{path} (y)")
     test = None
     ids = np.arange(len(y), dtype=np.int64)
     if k is None:  # from every label, before any split can leave one empty
-        k = int(max(y.max(initial=0), get("y_test").max(initial=0) if "y_test" in keys else 0)) + 1
+        k = int(max(y.max(initial=0), np.asarray(get("y_test")).max(initial=0) if "y_test" in keys else 0)) + 1
     if "x_test" in keys or "y_test" in keys:
         if not ("x_test" in keys and "y_test" in keys):
             raise UserError(f"{path}: x_test and y_test must come together")
-        xt = _npz_images(get("x_test"), "x_test", path, x.ndim == 5)
+        xt = _npz_images(get("x_test"), "x_test", path, len(x.shape) == 5)
         if xt.shape[1:] != x.shape[1:]:
             raise UserError(f"{path}: x_test images have shape {xt.shape[1:]} but x images {x.shape[1:]}; "
                             f"expected the same size")
-        yt = get("y_test")
+        yt = np.asarray(get("y_test"))
         _check_counts(xt, yt, f"{path} (x_test, y_test)")
         yt = _check_labels(yt, k, f"{path} (y_test)")
-        train = Split(x, y, ids)
         test = Split(xt, yt, len(y) + np.arange(len(yt), dtype=np.int64))
-    else:
-        tr, te = stratified_split(y, test_fraction, seed, "--test-fraction")
-        train, test = Split(x[tr], y[tr], ids[tr]), Split(x[te], y[te], ids[te])
     if classes is None:
         classes = [str(c) for c in range(k)]
-    return Source(name or os.path.splitext(os.path.basename(path))[0], "npz", classes, train, test,
-                  [path], f"arrays in {os.path.abspath(path)}")
+    return Source(name or os.path.splitext(os.path.basename(path))[0], "npz", classes, Split(x, y, ids), test,
+                  [path], f"arrays in {os.path.abspath(path)}", [handle])
 
 
-def stratified_split(y: np.ndarray, fraction: float, seed: int, option: str):
-    """Deterministic stratified split: indices (kept, held out), each sorted."""
+def _draw_order(n: int, order: np.ndarray | None) -> np.ndarray:
+    """Positions sorted by ``order`` (content ids; ties by position), or as they are."""
+    return np.arange(n) if order is None else np.lexsort((np.arange(n), order))
+
+
+def stratified_split(y: np.ndarray, fraction: float, seed: int, option: str, order: np.ndarray | None = None):
+    """Deterministic stratified split: indices (kept, held out), each sorted. With ``order``
+    (content ids) the seeded draw runs over the samples sorted by it, so which images are held out
+    does not depend on the order they come in."""
     if not 0.0 < fraction < 1.0:
         raise UserError(f"{option} {fraction}: expected a fraction between 0 and 1 (exclusive)")
     rng = np.random.default_rng(seed)
+    ranked = _draw_order(len(y), order)
     held = []
     for c in np.unique(y):
-        idx = np.flatnonzero(y == c)
+        idx = ranked[y[ranked] == c]
         idx = idx[rng.permutation(len(idx))]
         held.append(idx[: int(round(fraction * len(idx)))])
     held = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
     kept = np.setdiff1d(np.arange(len(y)), held)
     return kept, held
+
+
+def random_subset(n: int, keep: int, seed: int, order: np.ndarray | None = None) -> np.ndarray:
+    """``keep`` of ``n`` positions, a seeded draw (over ``order`` if given), sorted."""
+    return np.sort(_draw_order(n, order)[np.random.default_rng(seed).permutation(n)[:keep]])
 
 
 SOURCES = ("idx", "cifar10", "cifar100", "imagefolder", "npz")

@@ -26,9 +26,8 @@ from hpcdd.manifest import FORMAT_VERSION, FULL_NAME, MANIFEST_NAME, shard_name
 from hpcdd.decomposition import Decomposition
 from hpcdd.errors import UserError
 
-from .sources import Source, Split, file_checksum, stratified_split
-
-BLOCK = 8192
+from .ranks import Ranks
+from .sources import Images, Source, Split, file_checksum, stratified_split
 
 
 class Progress:
@@ -84,8 +83,23 @@ def check_output(out: str, force: bool, inputs=()) -> None:
         raise UserError(f"{out}: parent directory {parent} is not writable")
 
 
+CHUNK_BYTES = 128 << 20  # pixels decoded and written at a time (one chunk; 8192 Fashion-MNIST images)
+STATS_BLOCK = 8192
+
+
 def _chunk_samples(sample_bytes: int, n: int) -> int:
+    """Samples per HDF5 chunk of a shard (the unit a streamed training reads)."""
     return int(max(1, min(n, 256, (64 << 10) // max(sample_bytes, 1))))
+
+
+def chunk_rows(item_shape, itemsize: int) -> int:
+    """Samples converted at a time: at most ``STATS_BLOCK``, at most ``CHUNK_BYTES`` of pixels."""
+    sample = int(np.prod(item_shape)) * itemsize
+    return int(max(1, min(STATS_BLOCK, CHUNK_BYTES // max(sample, 1))))
+
+
+def chunks(n: int, rows: int):
+    return [(a, min(a + rows, n)) for a in range(0, n, rows)]
 
 
 def _pad(x: np.ndarray, margin: int) -> np.ndarray:
@@ -95,50 +109,79 @@ def _pad(x: np.ndarray, margin: int) -> np.ndarray:
     return np.pad(x, pad)
 
 
-def channel_stats(x: np.ndarray, scale: float) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of the (scaled) training images, accumulated in float64."""
-    c = x.shape[1]
-    s, s2, count = np.zeros(c), np.zeros(c), 0
-    axes = (0,) + tuple(range(2, x.ndim))
-    for a in range(0, len(x), BLOCK):
-        block = x[a:a + BLOCK].astype(np.float64) * scale
-        s += block.sum(axis=axes)
-        s2 += (block * block).sum(axis=axes)
-        count += block.size // c
-    mean = s / count
-    std = np.sqrt(np.maximum(s2 / count - mean * mean, 0.0))
-    std[std == 0] = 1.0
-    return mean.tolist(), std.tolist()
+class ChannelStats:
+    """Per-channel mean and std of the (scaled) training images, accumulated in float64 block by block."""
+
+    def __init__(self, channels: int, scale: float):
+        self.s, self.s2, self.count, self.scale = np.zeros(channels), np.zeros(channels), 0, scale
+
+    def add(self, x: np.ndarray) -> None:
+        c = x.shape[1]
+        axes = (0,) + tuple(range(2, x.ndim))
+        for a in range(0, len(x), STATS_BLOCK):
+            block = x[a:a + STATS_BLOCK].astype(np.float64) * self.scale
+            self.s += block.sum(axis=axes)
+            self.s2 += (block * block).sum(axis=axes)
+            self.count += block.size // c
+
+    def result(self) -> tuple[list[float], list[float]]:
+        mean = self.s / max(self.count, 1)
+        std = np.sqrt(np.maximum(self.s2 / max(self.count, 1) - mean * mean, 0.0))
+        std[std == 0] = 1.0
+        return mean.tolist(), std.tolist()
 
 
-def _write_file(path: str, attrs: dict, splits: dict[str, Split], cut, margin: int, progress) -> list:
-    """One shard: per split a group with x (chunked), y, sample_id. Returns the subimage shape."""
-    shape = None
-    with h5py.File(path, "w", libver="latest") as f:
-        for key, value in attrs.items():
-            f.attrs[key] = value
-        for name, split in splits.items():
-            g = f.create_group(name)
-            n = len(split.y)
-            first = cut(_pad(split.x[:1], margin))
-            shape = first.shape[1:]
-            chunk = _chunk_samples(first[0].nbytes, n)
-            ds = g.create_dataset("x", shape=(n,) + shape, dtype=first.dtype, chunks=(chunk,) + shape)
-            for a in range(0, n, BLOCK):
-                ds[a:a + BLOCK] = cut(_pad(split.x[a:a + BLOCK], margin))
-                progress.update(min(BLOCK, n - a))
+class ShardFiles:
+    """The open shard files of one preparation, written split by split, chunk by chunk.
+
+    Within each file the order of HDF5 operations is the one of writing it alone (attributes; per
+    split: x, its chunks in order, y, sample_id), so the bytes do not depend on the chunk size.
+    """
+
+    def __init__(self, folder: str, names: list[str], attrs: list[dict], cuts: list, margin: int, progress):
+        self.files = [h5py.File(os.path.join(folder, name), "w", libver="latest") for name in names]
+        self.cuts, self.margin, self.progress, self.shapes = cuts, margin, progress, [None] * len(names)
+        self.x, self.groups = [], []
+        for f, a in zip(self.files, attrs):
+            for key, value in a.items():
+                f.attrs[key] = value
+
+    def begin(self, name: str, n: int, item_shape, dtype) -> None:
+        probe = _pad(np.zeros((1,) + tuple(item_shape), dtype), self.margin)
+        # The previous split's datasets stay open until this split's exist: HDF5 places the chunks
+        # left in a dataset's cache when it is closed, so the bytes depend on when that happens.
+        xs, groups = [], []
+        for j, (f, cut) in enumerate(zip(self.files, self.cuts)):
+            shape = cut(probe).shape[1:]
+            self.shapes[j] = list(shape)
+            chunk = _chunk_samples(int(np.prod(shape)) * np.dtype(dtype).itemsize, n)
+            groups.append(f.create_group(name))
+            xs.append(groups[-1].create_dataset("x", shape=(n,) + shape, dtype=dtype, chunks=(chunk,) + shape))
+        self.x, self.groups = xs, groups
+
+    def write(self, a: int, block: np.ndarray) -> None:
+        padded = _pad(block, self.margin)
+        for ds, cut in zip(self.x, self.cuts):
+            ds[a:a + len(block)] = cut(padded)
+            self.progress.update(len(block))
+
+    def end(self, name: str, split: Split) -> None:
+        for g in self.groups:
             g.create_dataset("y", data=split.y.astype(np.int64))
             g.create_dataset("sample_id", data=split.ids.astype(np.int64))
-            g.attrs["count"] = n
-    return list(shape)
+            g.attrs["count"] = len(split.y)
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+        self.files, self.x, self.groups = [], [], []
 
 
-def make_splits(source: Source, val_fraction: float, seed: int) -> dict[str, Split]:
-    """train / val (stratified, seeded, carved from the source's training split) / test."""
-    kept, held = stratified_split(source.train.y, val_fraction, seed, "--val-fraction")
-    tr = source.train
-    splits = {"train": Split(tr.x[kept], tr.y[kept], tr.ids[kept]),
-              "val": Split(tr.x[held], tr.y[held], tr.ids[held])}
+def make_splits(source: Source, val_fraction: float, seed: int, order: np.ndarray | None = None) -> dict[str, Split]:
+    """train / val (stratified, seeded, carved from the source's training split) / test. ``order``:
+    content ids of the training images (the draw follows them, not file order)."""
+    kept, held = stratified_split(source.train.y, val_fraction, seed, "--val-fraction", order)
+    splits = {"train": source.train.take(kept), "val": source.train.take(held)}
     if source.test is not None:
         splits["test"] = source.test
     for name, split in splits.items():
@@ -148,22 +191,109 @@ def make_splits(source: Source, val_fraction: float, seed: int) -> dict[str, Spl
 
 
 def write_dataset(source: Source, out: str, grid, overlap: int, margin: int, val_fraction: float,
-                  seed: int, force: bool = False, full: bool = True, progress: bool | None = None) -> dict:
-    """Write manifest.json, sub_XXX.h5 for every subdomain and full.h5; return the manifest."""
-    check_output(out, force, source.files)
-    x0 = source.train.x
-    deco = Decomposition(x0.shape[2:], grid, overlap)
+                  seed: int, force: bool = False, full: bool = True, progress: bool | None = None,
+                  ranks: Ranks | None = None, order: np.ndarray | None = None, extra: dict | None = None) -> dict:
+    """Write manifest.json, sub_XXX.h5 for every subdomain and full.h5, streaming the source chunk by
+    chunk (every rank of ``ranks`` decodes a slice; rank 0 writes); return the manifest.
+    ``order``: the training images' content ids, which order the validation draw."""
+    ranks = ranks or Ranks()
+    ranks.agree(lambda: check_output(out, force, source.files))
+    source.train = Split(Images.of(source.train.x), source.train.y, source.train.ids)
+    if source.test is not None:
+        source.test = Split(Images.of(source.test.x), source.test.y, source.test.ids)
+    shape0, dtype = source.train.x.shape[1:], source.train.x.dtype
+    deco = Decomposition(shape0[1:], grid, overlap)
     if margin < 0:
         raise UserError(f"--margin {margin}: expected a non-negative number of pixels")
-    splits = make_splits(source, val_fraction, seed)
-    scale = 1.0 / 255.0 if x0.dtype == np.uint8 else 1.0
-    mean, std = channel_stats(splits["train"].x, scale)
-    checksum = file_checksum(source.files)
+    splits = make_splits(source, val_fraction, seed, order)
+    scale = 1.0 / 255.0 if dtype == np.uint8 else 1.0
+    checksum = file_checksum(source.files) if ranks.is_root else None
     options = dict(grid=list(deco.grid), overlap=overlap, margin=margin, val_fraction=val_fraction,
-                   seed=seed, shape=list(x0.shape[1:]), n={k: len(v.y) for k, v in splits.items()})
-    prep_id = hashlib.sha256((checksum + json.dumps(options, sort_keys=True) + __version__).encode()).hexdigest()[:16]
-    digests = {name: ids_digest(split.ids) for name, split in splits.items()}
-    manifest = {
+                   seed=seed, shape=list(shape0), n={k: len(v.y) for k, v in splits.items()})
+    if order is not None:
+        options["draw"] = "content"
+    prep_id = (hashlib.sha256((checksum + json.dumps(options, sort_keys=True) + __version__).encode()).hexdigest()[:16]
+               if ranks.is_root else None)
+    ranks.agree(lambda: check_space(out, output_bytes(deco, splits, margin, shape0, dtype, full)))
+    rows = chunk_rows(shape0, dtype.itemsize)
+    stats = ChannelStats(shape0[0], scale)
+    tmp = files = None
+    names = [shard_name(i) for i in range(deco.n)] + ([FULL_NAME] if full else [])
+    bar = Progress(sum(len(s.y) for s in splits.values()) * len(names), f"writing {deco.n} shards",
+                   progress if ranks.is_root else False)
+    parent = os.path.dirname(os.path.abspath(out))
+    try:
+        if ranks.is_root:
+            tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.tmp-", dir=parent)
+            os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would survive the rename
+            common = {"format_version": FORMAT_VERSION, "grid": list(deco.grid), "overlap": overlap,
+                      "margin": margin, "prep_id": prep_id, "image_shape": list(shape0),
+                      "num_classes": len(source.classes)}
+            attrs = [dict(common, index=i, box=np.asarray(deco.box(i), dtype=np.int64)) for i in range(deco.n)]
+            cuts = [lambda b, i=i: deco.cut(b, i, margin) for i in range(deco.n)]
+            if full:
+                attrs.append(dict(common, index=-1, box=np.asarray([(0, s) for s in deco.image_shape], dtype=np.int64)))
+                cuts.append(lambda b: b)
+            files = ShardFiles(tmp, names, attrs, cuts, margin, bar)
+        for name, split in splits.items():
+            if files:
+                files.begin(name, len(split.y), shape0, dtype)
+            for a, b in chunks(len(split.y), rows):
+                block = ranks.read(split.x, np.arange(a, b))
+                if files:
+                    if name == "train":
+                        stats.add(block)
+                    files.write(a, block)
+            if files:
+                files.end(name, split)
+        manifest = None
+        if ranks.is_root:
+            files.close()
+            mean, std = stats.result()
+            manifest = _manifest(source, deco, splits, shape0, dtype, overlap, margin, scale, mean, std, checksum,
+                                 seed, val_fraction, prep_id, full, files.shapes[:deco.n], order, extra)
+            with open(os.path.join(tmp, MANIFEST_NAME), "w") as f:
+                json.dump(manifest, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            bar.close()
+            _move_into_place(tmp, out, parent)
+    except OSError as e:
+        _discard(files, tmp, bar)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"{out}: no space left on its file system while writing ({e.strerror}); nothing was "
+                            f"written, free space and run again") from None
+        raise
+    except BaseException:
+        _discard(files, tmp, bar)
+        raise
+    return ranks.bcast(manifest)
+
+
+def _discard(files, tmp, bar) -> None:
+    bar.close()
+    if files:
+        try:
+            files.close()
+        except Exception:  # an HDF5 file on a full disk may not close cleanly; it is deleted anyway
+            pass
+    if tmp:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_into_place(tmp: str, out: str, parent: str) -> None:
+    if os.path.exists(out):
+        trash = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.old-", dir=parent)
+        os.rename(out, os.path.join(trash, "old"))
+        os.rename(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def _manifest(source, deco, splits, shape0, dtype, overlap, margin, scale, mean, std, checksum, seed,
+              val_fraction, prep_id, full, shapes, order, extra) -> dict:
+    return {
         "format_version": FORMAT_VERSION,
         "tool": f"hpcdd {__version__}",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -171,13 +301,13 @@ def write_dataset(source: Source, out: str, grid, overlap: int, margin: int, val
         "classes": list(source.classes),
         "num_classes": len(source.classes),
         "splits": {name: len(split.y) for name, split in splits.items()},
-        "image_shape": list(x0.shape[1:]),
+        "image_shape": list(shape0),
         "dims": deco.dims,
         "grid": list(deco.grid),
         "overlap": overlap,
         "margin": margin,
         "boxes": [[list(b) for b in box] for box in deco.boxes()],
-        "dtype": str(x0.dtype),
+        "dtype": str(dtype),
         "scale": scale,
         "mean": mean,
         "std": std,
@@ -186,62 +316,26 @@ def write_dataset(source: Source, out: str, grid, overlap: int, margin: int, val
         "seed": seed,
         "val_fraction": val_fraction,
         "prep_id": prep_id,
-        "sample_ids_sha256": digests,
+        "sample_ids": ("position in the source: training images, then test images, in the source's order "
+                       "(image folders: class folder, then file name)"),
+        "split_draw": ("content: the seeded draws (test, validation, --max-*) run over the images sorted by a "
+                       "hash of their pixels, so they do not depend on file order or format"
+                       if order is not None else "position: the seeded draws run over the images in source order"),
+        "sample_ids_sha256": {name: ids_digest(split.ids) for name, split in splits.items()},
         "shards": [shard_name(i) for i in range(deco.n)],
         "full": FULL_NAME if full else None,
+        "subimage_shapes": shapes,
+        **(extra or {}),
     }
-    check_space(out, output_bytes(deco, splits, margin, x0, full))
-    total = sum(len(s.y) for s in splits.values()) * (deco.n + (1 if full else 0))
-    bar = Progress(total, f"writing {deco.n} shards", progress)
-    parent = os.path.dirname(os.path.abspath(out))
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.tmp-", dir=parent)
-    try:
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would survive the rename
-        common = {"format_version": FORMAT_VERSION, "grid": list(deco.grid), "overlap": overlap,
-                  "margin": margin, "prep_id": prep_id, "image_shape": list(x0.shape[1:]),
-                  "num_classes": len(source.classes)}
-        shapes = []
-        for i in range(deco.n):
-            attrs = dict(common, index=i, box=np.asarray(deco.box(i), dtype=np.int64))
-            shapes.append(_write_file(os.path.join(tmp, shard_name(i)), attrs, splits,
-                                      lambda b, i=i: deco.cut(b, i, margin), margin, bar))
-        if full:
-            attrs = dict(common, index=-1, box=np.asarray([(0, s) for s in deco.image_shape], dtype=np.int64))
-            _write_file(os.path.join(tmp, FULL_NAME), attrs, splits, lambda b: b, margin, bar)
-        manifest["subimage_shapes"] = shapes
-        with open(os.path.join(tmp, MANIFEST_NAME), "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        bar.close()
-        if os.path.exists(out):
-            trash = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.old-", dir=parent)
-            os.rename(out, os.path.join(trash, "old"))
-            os.rename(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except OSError as e:
-        bar.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"{out}: no space left on its file system while writing ({e.strerror}); nothing was "
-                            f"written, free space and run again") from None
-        raise
-    except BaseException:
-        bar.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
 
 
-def output_bytes(deco, splits: dict, margin: int, x0: np.ndarray, full: bool) -> int:
+def output_bytes(deco, splits: dict, margin: int, shape0, dtype, full: bool) -> int:
     """What the shards take on disk (uncompressed pixels, labels and ids, plus HDF5 overhead)."""
     per_sample = sum(float(np.prod([b - a + 2 * margin for a, b in deco.box(i)])) for i in range(deco.n))
     if full:
         per_sample += float(np.prod([s + 2 * margin for s in deco.image_shape]))
     n = sum(len(s.y) for s in splits.values())
-    return int(n * (per_sample * x0.shape[1] * x0.dtype.itemsize + 16 * (deco.n + full)) + (1 << 20) * (deco.n + 1))
+    return int(n * (per_sample * shape0[0] * np.dtype(dtype).itemsize + 16 * (deco.n + full)) + (1 << 20) * (deco.n + 1))
 
 
 def check_space(out: str, need: int) -> None:

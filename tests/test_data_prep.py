@@ -124,7 +124,8 @@ def test_imagefolder_png_jpeg_single_split(tmp_path, fashion_small):
                     "--test-fraction", "0.2", "--val-fraction", "0.25"))
     m2 = json.load(open(tmp_path / "out2" / "manifest.json"))
     assert m2["prep_id"] == m["prep_id"] and m2["sample_ids_sha256"] == m["sample_ids_sha256"]
-    # PNG is lossless: a stored png image equals the source pixels after the same resize
+    # PNG is lossless: a stored png image equals the source pixels after a bilinear, antialiased resize
+    # (torchvision's, which data_prep uses, and PIL's agree within one grey level)
     with h5py.File(tmp_path / "out" / "full.h5", "r") as f:
         assert f["train"]["x"].shape[1:] == (3, 32, 32)
         stored = {int(i): x_ for i, x_ in zip(f["train"]["sample_id"][:], f["train"]["x"][:])}
@@ -135,7 +136,7 @@ def test_imagefolder_png_jpeg_single_split(tmp_path, fashion_small):
         if name and name.endswith(".png"):
             with Image.open(src / name) as im:
                 expected = np.asarray(im.convert("RGB").resize((32, 32), Image.BILINEAR)).transpose(2, 0, 1)
-            np.testing.assert_array_equal(pixels, expected, err_msg=name)
+            np.testing.assert_allclose(pixels.astype(int), expected.astype(int), atol=1, err_msg=name)
             checked += 1
     assert checked >= 10
 
@@ -303,7 +304,7 @@ BAD_INPUT_MESSAGES = {
     "undecodable image": "broken/b/bad.jpg: cannot decode image",
     "corrupt cifar pickle": "cifar/batches.meta: corrupt or truncated pickle",
     "unknown source": "invalid choice: 'tfrecord'",
-    "absurd size": "broken: 2 images of 3x100000x100000 need 180.0 GB in memory",
+    "absurd size": "broken: one image of 3x100000x100000 needs 90.0 GB in memory",
     "a single sample": "the val split is empty",
     "text named .npz": "text.npz: not a readable .npz file",
     "output exists": "{tmp}/exists: already exists",
