@@ -66,7 +66,7 @@ def default_workers() -> int:
     return max(1, cores // max(1, world_info(os.environ).local_size or 1))
 
 
-def load_source(args) -> sources.Source:
+def load_source(args, ranks: Ranks | None = None) -> sources.Source:
     if not os.path.exists(args.input):
         raise UserError(f"INPUT {args.input}: no such file or directory")
     if args.source == "idx":
@@ -81,7 +81,8 @@ def load_source(args) -> sources.Source:
             if len(args.size) != 2 or min(args.size) < 1:
                 raise UserError(f"--size {' '.join(map(str, args.size))}: expected H W, two positive numbers")
             size = tuple(args.size)
-        decoder = sources.Decoder(args.workers or default_workers())
+        decoder = sources.Decoder(args.workers or default_workers(),
+                                  "spawn" if ranks is not None and ranks.size > 1 else "fork")
         return sources.load_imagefolder(args.input, args.name, size, args.channels, decoder)
     if args.num_classes is not None and args.num_classes < 2:
         raise UserError(f"--num-classes {args.num_classes}: expected at least 2")
@@ -177,7 +178,7 @@ def run(argv=None, ranks: Ranks | None = None) -> dict:
     grid = ranks.together(lambda: parse_grid(args.grid))
     ranks.agree(lambda: check_output(args.out, args.force, [args.input]))
     start = time.perf_counter()
-    source = ranks.together(lambda: load_source(args))
+    source = ranks.together(lambda: load_source(args, ranks))
     try:
         source, order, skipped = prepare_source(source, args, ranks)
         extra = {"skipped": skipped} if args.skip_bad else None

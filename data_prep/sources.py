@@ -517,8 +517,8 @@ def _decode_many(paths: list[str], size, channels: int, what: str):
 class Decoder:
     """A pool of ``workers`` processes decoding image files (one process: decoded in place)."""
 
-    def __init__(self, workers: int = 1):
-        self.workers, self._pool = max(1, workers), None
+    def __init__(self, workers: int = 1, start: str = "fork"):
+        self.workers, self.start, self._pool = max(1, workers), start, None
 
     def map(self, paths: list[str], size, channels: int, what: str) -> list:
         pieces = max(1, min(len(paths), 4 * self.workers))
@@ -530,8 +530,8 @@ class Decoder:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            # spawn: the parent may hold torch threads, which a fork would copy half-initialised
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            # fork starts in milliseconds; under MPI, spawn (a forked MPI process is not safe everywhere)
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(self.start))
         return list(self._pool.map(_decode_many, parts, [size] * len(parts), [channels] * len(parts),
                                    [what] * len(parts)))
 

@@ -17,6 +17,28 @@ from .watchdog import alive
 from .manifest import FORMAT_VERSION, Manifest
 
 DEFAULT_MEMORY_LIMIT = 4 << 30
+STREAM_BLOCK = 1024  # rows of a streamed shard read in one piece
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """How a training streams: ``block`` rows read at a time, ``window`` rows shuffled together."""
+
+    block: int
+    window: int
+
+
+def stream_plan(manifest: Manifest, indices, split: str, memory_limit: int) -> StreamPlan | None:
+    """None when the split of every shard a training reads (``indices``; None: full.h5) fits in
+    ``memory_limit`` as float32; else the chunk-aware plan of that training. A function of the
+    manifest only, so every rank and every subdomain of one training agree on it. A window takes at
+    most a quarter of the limit (the one in use, the one being read ahead, and slack)."""
+    n = manifest.count(split)
+    sample = max(int(np.prod(manifest.stored_shape(i))) * 4 for i in indices)
+    if n * sample <= memory_limit:
+        return None
+    window = max(STREAM_BLOCK, min(n, memory_limit // (4 * sample)) // STREAM_BLOCK * STREAM_BLOCK)
+    return StreamPlan(STREAM_BLOCK, window)
 
 
 def ids_digest(ids: np.ndarray) -> str:
@@ -178,9 +200,14 @@ class SplitData:
     std: "object"
     scale: float
     margin: int
+    plan: StreamPlan | None = None  # the training's order (chunk-aware when any of its shards streams)
+    _windows: "object" = None
 
     @classmethod
-    def load(cls, reader: ShardReader, split: str, memory_limit: int = DEFAULT_MEMORY_LIMIT) -> "SplitData":
+    def load(cls, reader: ShardReader, split: str, memory_limit: int = DEFAULT_MEMORY_LIMIT,
+             plan: StreamPlan | None | str = "own") -> "SplitData":
+        """In memory when it fits in ``memory_limit``, else streamed. ``plan``: the training's
+        (``stream_plan`` over all its shards); "own": this shard's alone."""
         import torch
 
         m = reader.manifest
@@ -192,7 +219,9 @@ class SplitData:
         ids = g["sample_id"][:].astype(np.int64)
         y = torch.from_numpy(g["y"][:].astype(np.int64))
         in_memory = n * int(np.prod(reader.expected_shape())) * 4 <= memory_limit
-        self = cls(reader, split, None, y, ids, mean, std, m.scale, m.margin)
+        if plan == "own":
+            plan = stream_plan(m, [reader.index], split, memory_limit)
+        self = cls(reader, split, None, y, ids, mean, std, m.scale, m.margin, plan)
         if in_memory:
             xs = []
             for x, _, _ in reader.iter_chunks(split):
@@ -222,6 +251,20 @@ class SplitData:
     def _normalise(self, x):
         return normalise(x, self.scale, self.mean, self.std)
 
+    def close(self) -> None:
+        if self._windows is not None:
+            self._windows.close()
+            self._windows = None
+        self.reader.close()
+
+    def schedule(self, order: np.ndarray) -> None:
+        """The epoch's row order (its minibatches in turn): a streamed split reads it window by
+        window, one window ahead in a background thread."""
+        if self.x is None and self.plan is not None:
+            if self._windows is not None:
+                self._windows.close()
+            self._windows = WindowReader(self, order, self.plan)
+
     def batch(self, rows: np.ndarray, shifts: np.ndarray | None = None):
         """(x, y) for the given rows, cropped to the subimage (shifted by ``shifts`` if given)."""
         import torch
@@ -229,10 +272,84 @@ class SplitData:
         if self.x is not None:
             idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
             x, y = self.x.index_select(0, idx.to(self.x.device)), self.y.index_select(0, idx)
+        elif self._windows is not None and self._windows.covers(rows):
+            x, y = self._windows.rows(np.asarray(rows)), self.y.index_select(0, torch.from_numpy(np.asarray(rows)))
         else:
             xr, yr = self.reader.read_rows(self.split, np.asarray(rows))
             x, y = self._normalise(torch.from_numpy(xr)), torch.from_numpy(yr)
         return crop(x, self.margin, shifts), y
+
+
+class WindowReader:
+    """One epoch of a streamed split, read a window at a time (whole blocks, contiguous reads),
+    normalised in a background thread one window ahead of training.
+
+    A row's window follows from the order alone: blocks first appear in window order and every
+    window but the last holds ``window // block`` of them (``hpcdd.rng.chunked_permutation``).
+    """
+
+    def __init__(self, data: SplitData, order: np.ndarray, plan: StreamPlan):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.data, self.block = data, plan.block
+        n = len(data)
+        blocks = np.asarray(order, dtype=np.int64) // plan.block
+        ids, first = np.unique(blocks, return_index=True)
+        group = np.empty(-(-n // plan.block), dtype=np.int64)
+        group[ids[np.argsort(first)]] = np.arange(len(ids)) // max(1, plan.window // plan.block)
+        self.group = group
+        self.windows = [np.flatnonzero(group == w) for w in range(int(group.max()) + 1 if len(ids) else 0)]
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="hpcdd-prefetch")
+        self._loaded: dict = {}
+        self.seen = np.zeros(n, dtype=bool)
+        self.seen[np.asarray(order, dtype=np.int64)] = True
+
+    def covers(self, rows) -> bool:
+        return bool(self.seen[np.asarray(rows)].all())
+
+    def _read(self, w: int):
+        import torch
+
+        g = self.data.reader._group(self.data.split)
+        xs, rows = [], []
+        for b in self.windows[w]:
+            a, e = int(b) * self.block, min(int(b) * self.block + self.block, len(self.data))
+            try:
+                xs.append(self.data._normalise(torch.from_numpy(g["x"][a:e])))
+            except (OSError, RuntimeError) as err:
+                raise UserError(f"{self.data.reader.path}: corrupt or truncated HDF5 data in {self.data.split} "
+                                f"({_short(err)})") from None
+            rows.append(np.arange(a, e))
+        return np.concatenate(rows), torch.cat(xs)
+
+    def _want(self, w: int):
+        if w < len(self.windows) and w not in self._loaded:
+            self._loaded[w] = self._pool.submit(self._read, w)
+
+    def rows(self, rows: np.ndarray):
+        import torch
+
+        alive()
+        ws = self.group[rows // self.block]
+        wanted = np.unique(ws)
+        for w in wanted:
+            self._want(int(w))
+        self._want(int(wanted.max()) + 1)
+        for w in [w for w in self._loaded if w < wanted.min()]:
+            self._loaded.pop(w)
+        out = None
+        for w in wanted:
+            have, x = self._loaded[int(w)].result()
+            sel = ws == w
+            part = x.index_select(0, torch.from_numpy(np.searchsorted(have, rows[sel])))
+            if out is None:
+                out = torch.empty((len(rows),) + tuple(x.shape[1:]), dtype=x.dtype)
+            out[torch.from_numpy(sel)] = part
+        return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._loaded.clear()
 
 
 def normalise(x, scale: float, mean, std):

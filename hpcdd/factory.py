@@ -10,7 +10,7 @@ import torch
 
 from . import rng
 from .aggregators import DNN
-from .data import ShardReader, SplitData
+from .data import ShardReader, SplitData, stream_plan
 from .manifest import Manifest
 from .models import build_model, default_width_scale
 
@@ -55,10 +55,14 @@ class DataCache:
     def __call__(self, index: int | None, split: str) -> SplitData:
         key = (index, split)
         if key not in self._data:
-            data = SplitData.load(ShardReader(self.manifest, index), split, self.memory_limit)
+            m = self.manifest
+            # one plan per training: all subdomain shards together (the coherent step reads them with
+            # one order), full.h5 alone
+            plan = stream_plan(m, [None] if index is None else range(m.n), split, self.memory_limit)
+            data = SplitData.load(ShardReader(m, index), split, self.memory_limit, plan)
             self._data[key] = data.to_device(self.device) if self.on_device else data
         return self._data[key]
 
     def release(self, index: int | None = None, everything: bool = False) -> None:
         for key in [k for k in self._data if everything or k[0] == index]:
-            self._data.pop(key).reader.close()
+            self._data.pop(key).close()

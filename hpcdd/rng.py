@@ -57,6 +57,20 @@ def permutation(key: int, n: int) -> np.ndarray:
     return np.random.default_rng(key).permutation(n)
 
 
+def chunked_permutation(key: int, n: int, block: int, window: int) -> np.ndarray:
+    """An epoch order a streamed split can be read in: blocks of ``block`` consecutive rows in random
+    order, grouped ``window // block`` at a time; rows shuffled within each group. Every group is
+    read once, contiguously, so an epoch reads each row once in large sequential pieces."""
+    rng = np.random.default_rng(key)
+    blocks = rng.permutation(-(-n // block))
+    per = max(1, window // block)
+    parts = []
+    for a in range(0, len(blocks), per):
+        rows = np.concatenate([np.arange(b * block, min(b * block + block, n)) for b in blocks[a:a + per]])
+        parts.append(rows[rng.permutation(len(rows))])
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
 @dataclass(frozen=True)
 class Stream:
     """The random streams of one training: minibatch order and shifts, and per-step dropout seeds.
@@ -71,10 +85,12 @@ class Stream:
     order_key: tuple = ()
     key: tuple = ()
 
-    def batches(self, epoch: int, n: int, batch_size: int) -> list[np.ndarray]:
+    def batches(self, epoch: int, n: int, batch_size: int, plan=None) -> list[np.ndarray]:
         """Minibatches of one epoch: the same on every rank. A trailing batch of one sample is
-        dropped (batch normalisation cannot train on it)."""
-        order = permutation(mix(self.seed, TAG_ORDER, *self.order_key, epoch), n)
+        dropped (batch normalisation cannot train on it). ``plan`` (``hpcdd.data.StreamPlan``, the
+        same on every rank): the chunk-aware order of a split streamed from its shard."""
+        key = mix(self.seed, TAG_ORDER, *self.order_key, epoch)
+        order = permutation(key, n) if plan is None else chunked_permutation(key, n, plan.block, plan.window)
         batches = [order[a:a + batch_size] for a in range(0, n, batch_size)]
         if len(batches) > 1 and len(batches[-1]) < 2:
             batches.pop()

@@ -98,7 +98,10 @@ def fit(model, spec: Fit) -> TrainState:
         epoch_shifts.clear()
         epoch_shifts[epoch] = spec.stream.shifts(epoch, spec.train.ids, getattr(t, "augment_shift", 0),
                                                  spec.train.dims)
-        return spec.stream.batches(epoch, len(spec.train), t.batch_size)
+        batches = spec.stream.batches(epoch, len(spec.train), t.batch_size, getattr(spec.train, "plan", None))
+        if hasattr(spec.train, "schedule") and batches:
+            spec.train.schedule(np.concatenate(batches))
+        return batches
 
     def step(epoch, step, rows):
         mine = rows[slice_rows(len(rows), group.size, group.rank)]

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from hpcdd.data import ShardReader, SplitData, crop
+from hpcdd.data import ShardReader, SplitData, StreamPlan, crop, stream_plan
 from hpcdd.manifest import load_manifest
 from hpcdd.errors import UserError
 from tests.conftest import prepare
@@ -45,6 +45,52 @@ def test_streaming_equals_in_memory(data):
     assert xa.shape == (6, 1, 15, 15)
     np.testing.assert_array_equal(xa.numpy(), xb.numpy())
     np.testing.assert_array_equal(ya.numpy(), yb.numpy())
+
+
+def test_chunked_order_reads_whole_blocks_window_by_window():
+    from hpcdd.rng import chunked_permutation
+
+    n, block, window = 5000, 256, 1024
+    order = chunked_permutation(7, n, block, window)
+    assert sorted(order.tolist()) == list(range(n))
+    np.testing.assert_array_equal(order, chunked_permutation(7, n, block, window))
+    assert not np.array_equal(order, chunked_permutation(8, n, block, window))
+    blocks = order // block
+    # every stretch of the order holds whole blocks, at most window // block of them
+    seen, start = set(), 0
+    for pos in range(n + 1):
+        if pos == n or (blocks[pos] not in seen and len(seen) == window // block):
+            stretch = blocks[start:pos]
+            assert len(set(stretch.tolist())) <= window // block
+            assert all((stretch == b).sum() == min(block, n - b * block) for b in set(stretch.tolist()))
+            if pos < n:
+                seen, start = set(), pos
+        if pos < n:
+            seen.add(int(blocks[pos]))
+    assert np.abs(np.diff(order)).mean() > 50  # shuffled within windows, not read in order
+
+
+def test_streamed_epoch_read_ahead_gives_the_in_memory_rows(data):
+    """A streamed split serves an epoch (also from a step in the middle, as after a resume) with
+    exactly the rows of the in-memory split."""
+    from hpcdd.rng import stream_of
+
+    m = load_manifest(str(data))
+    assert stream_plan(m, range(m.n), "train", 1) == StreamPlan(1024, 1024)
+    plan = StreamPlan(32, 96)  # many windows in this small split
+    mem = SplitData.load(ShardReader(m, 3), "train", plan=plan)
+    streamed = SplitData.load(ShardReader(m, 3), "train", memory_limit=1, plan=plan)
+    assert mem.in_memory and not streamed.in_memory
+    batches = stream_of(0, "local", 3).batches(2, len(mem), 64, plan)
+    for start in (0, len(batches) // 2):
+        streamed.schedule(np.concatenate(batches))
+        for rows in batches[start:]:
+            shifts = np.random.default_rng(len(rows)).integers(-1, 2, size=(len(rows), 2))
+            xa, ya = mem.batch(rows, shifts)
+            xb, yb = streamed.batch(rows, shifts)
+            np.testing.assert_array_equal(xa.numpy(), xb.numpy())
+            np.testing.assert_array_equal(ya.numpy(), yb.numpy())
+    streamed.close()
 
 
 def test_shift_is_a_global_translation(data):
@@ -140,8 +186,10 @@ def test_training_on_streamed_shards_equals_in_memory(data):
 
     m = load_manifest(str(data))
     states = []
+    plan = stream_plan(m, [1], "train", 1)
+    assert plan is not None and plan.window >= plan.block
     for limit in (1 << 30, 1):
-        train = SplitData.load(ShardReader(m, 1), "train", memory_limit=limit)
+        train = SplitData.load(ShardReader(m, 1), "train", memory_limit=limit, plan=plan)
         val = SplitData.load(ShardReader(m, 1), "val", memory_limit=limit)
         assert train.in_memory == (limit > 1)
         torch.manual_seed(0)

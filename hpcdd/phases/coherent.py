@@ -82,7 +82,11 @@ def train_coherent(ctx, strategy: str, t) -> None:
         model.comm_time, model.comm_bytes, model.comm_steps = 0.0, 0, 0
         epoch_shifts.clear()
         epoch_shifts[epoch] = stream.shifts(epoch, first.ids, t.augment_shift, ctx.manifest.dims)
-        return stream.batches(epoch, len(first), t.batch_size)
+        batches = stream.batches(epoch, len(first), t.batch_size, first.plan)
+        for data in train.values():
+            if batches:
+                data.schedule(np.concatenate(batches))
+        return batches
 
     def step(epoch, step, rows):
         part = rows[slice_rows(len(rows), own.replicas, own.replica)]
