@@ -14,7 +14,7 @@ import numpy as np
 
 from . import sources
 from .ranks import Ranks, init_ranks
-from .writer import Progress, check_output, chunk_rows, chunks, write_dataset
+from .writer import CHUNK_BYTES, Progress, check_output, chunk_rows, chunks, write_dataset
 
 
 def build_parser() -> OneLineParser:
@@ -51,11 +51,17 @@ def build_parser() -> OneLineParser:
                    help="imagefolder: skip files that cannot be decoded (listed in the manifest) instead of stopping")
     p.add_argument("--workers", type=count(1), metavar="N",
                    help="imagefolder: decoding processes per rank (default: the cores of this rank)")
+    p.add_argument("--chunk-mb", type=float, default=CHUNK_BYTES / 2**20, metavar="MB",
+                   help="pixels decoded and written at a time, per chunk (default 128); the output does not depend on it")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S",
                    help="under srun/mpiexec: longest wait for another rank's part, in seconds (default 600)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     return p
+
+
+def chunk_bytes(args) -> int:
+    return max(1, int(args.chunk_mb * 2**20))
 
 
 def default_workers() -> int:
@@ -89,11 +95,12 @@ def load_source(args, ranks: Ranks | None = None) -> sources.Source:
     return sources.load_npz(args.input, args.name, True if args.volume else None, args.num_classes)
 
 
-def scan(split: sources.Split, ranks: Ranks, skip_bad: bool, progress) -> tuple[sources.Split, np.ndarray, list]:
+def scan(split: sources.Split, ranks: Ranks, skip_bad: bool, progress,
+         chunk_bytes: int) -> tuple[sources.Split, np.ndarray, list]:
     """One pass over a split: the content id of every image (and, with --skip-bad, the files that
     cannot be decoded, dropped from the split). Finds a corrupt file before anything is written."""
     x = sources.Images.of(split.x)
-    rows = chunk_rows(x.shape[1:], x.dtype.itemsize)
+    rows = chunk_rows(x.shape[1:], x.dtype.itemsize, chunk_bytes)
     ids, skipped = [], []
     for a, b in chunks(len(split.y), rows):
         if skip_bad:
@@ -120,10 +127,10 @@ def prepare_source(source: sources.Source, args, ranks: Ranks):
         parts = [s for s in (source.train, source.test) if s is not None]
         bar = Progress(sum(len(s.y) for s in parts), "hashing images", None if not args.quiet and ranks.is_root
                        else False)
-        source.train, order["train"], bad = scan(source.train, ranks, args.skip_bad, bar)
+        source.train, order["train"], bad = scan(source.train, ranks, args.skip_bad, bar, chunk_bytes(args))
         skipped += bad
         if source.test is not None:
-            source.test, order["test"], bad = scan(source.test, ranks, args.skip_bad, bar)
+            source.test, order["test"], bad = scan(source.test, ranks, args.skip_bad, bar, chunk_bytes(args))
             skipped += bad
         bar.close()
         if skipped:  # positions among the files that could be read
@@ -174,6 +181,8 @@ def run(argv=None, ranks: Ranks | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.timeout <= 0:
         raise UserError(f"--timeout {args.timeout}: expected a positive number of seconds")
+    if args.chunk_mb <= 0:
+        raise UserError(f"--chunk-mb {args.chunk_mb}: expected a positive size in MB")
     ranks = ranks or init_ranks(args.timeout)
     grid = ranks.together(lambda: parse_grid(args.grid))
     ranks.agree(lambda: check_output(args.out, args.force, [args.input]))
@@ -184,7 +193,8 @@ def run(argv=None, ranks: Ranks | None = None) -> dict:
         extra = {"skipped": skipped} if args.skip_bad else None
         manifest = write_dataset(source, args.out, grid, args.overlap, args.margin, args.val_fraction, args.seed,
                                  force=args.force, full=not args.no_full,
-                                 progress=None if not args.quiet else False, ranks=ranks, order=order, extra=extra)
+                                 progress=None if not args.quiet else False, ranks=ranks, order=order, extra=extra,
+                                 chunk_bytes=chunk_bytes(args))
     finally:
         source.close()
     if not args.quiet and ranks.is_root:

@@ -10,6 +10,7 @@ import datetime
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -92,10 +93,10 @@ def _chunk_samples(sample_bytes: int, n: int) -> int:
     return int(max(1, min(n, 256, (64 << 10) // max(sample_bytes, 1))))
 
 
-def chunk_rows(item_shape, itemsize: int) -> int:
-    """Samples converted at a time: at most ``STATS_BLOCK``, at most ``CHUNK_BYTES`` of pixels."""
+def chunk_rows(item_shape, itemsize: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Samples converted at a time: at most ``STATS_BLOCK``, at most ``chunk_bytes`` of pixels."""
     sample = int(np.prod(item_shape)) * itemsize
-    return int(max(1, min(STATS_BLOCK, CHUNK_BYTES // max(sample, 1))))
+    return int(max(1, min(STATS_BLOCK, chunk_bytes // max(sample, 1))))
 
 
 def chunks(n: int, rows: int):
@@ -110,25 +111,59 @@ def _pad(x: np.ndarray, margin: int) -> np.ndarray:
 
 
 class ChannelStats:
-    """Per-channel mean and std of the (scaled) training images, accumulated in float64 block by block."""
+    """Per-channel mean and std of the (scaled) training images, summed exactly, so the result does
+    not depend on how the split was cut into chunks (or ranks): integer sums for 8-bit pixels,
+    per-image float64 sums added without rounding (Shewchuk's partials, as ``math.fsum``) for floats."""
 
     def __init__(self, channels: int, scale: float):
-        self.s, self.s2, self.count, self.scale = np.zeros(channels), np.zeros(channels), 0, scale
+        self.scale, self.count = scale, 0
+        self.ints = [0, 0]  # 8-bit: sums of v and v*v per channel (Python ints: no overflow)
+        self.partials = [[[] for _ in range(channels)] for _ in range(2)]
 
     def add(self, x: np.ndarray) -> None:
         c = x.shape[1]
-        axes = (0,) + tuple(range(2, x.ndim))
-        for a in range(0, len(x), STATS_BLOCK):
-            block = x[a:a + STATS_BLOCK].astype(np.float64) * self.scale
-            self.s += block.sum(axis=axes)
-            self.s2 += (block * block).sum(axis=axes)
-            self.count += block.size // c
+        flat = x.reshape(len(x), c, -1)
+        self.count += flat.shape[0] * flat.shape[2]
+        step = max(1, (1 << 23) // max(1, flat.shape[1] * flat.shape[2]))
+        for a in range(0, len(flat), step):
+            part = flat[a:a + step]
+            if x.dtype == np.uint8:
+                wide = part.astype(np.int64)
+                self.ints[0] = self.ints[0] + wide.sum(axis=(0, 2))
+                self.ints[1] = self.ints[1] + (wide * wide).sum(axis=(0, 2))
+                continue
+            wide = part.astype(np.float64)
+            for k, values in enumerate((wide.sum(axis=2), (wide * wide).sum(axis=2))):
+                for ch in range(c):
+                    for v in values[:, ch].tolist():
+                        _exact_add(self.partials[k][ch], v)
 
     def result(self) -> tuple[list[float], list[float]]:
-        mean = self.s / max(self.count, 1)
-        std = np.sqrt(np.maximum(self.s2 / max(self.count, 1) - mean * mean, 0.0))
+        n = max(self.count, 1)
+        if isinstance(self.ints[0], np.ndarray):
+            s = np.array([int(v) for v in self.ints[0]], dtype=np.float64) / n * self.scale
+            s2 = np.array([int(v) for v in self.ints[1]], dtype=np.float64) / n * self.scale * self.scale
+        else:
+            s = np.array([math.fsum(p) for p in self.partials[0]]) / n * self.scale
+            s2 = np.array([math.fsum(p) for p in self.partials[1]]) / n * self.scale * self.scale
+        std = np.sqrt(np.maximum(s2 - s * s, 0.0))
         std[std == 0] = 1.0
-        return mean.tolist(), std.tolist()
+        return s.tolist(), std.tolist()
+
+
+def _exact_add(partials: list, x: float) -> None:
+    """Add ``x`` to a list of non-overlapping partial sums without rounding (Shewchuk)."""
+    i = 0
+    for y in partials:
+        if abs(x) < abs(y):
+            x, y = y, x
+        hi = x + y
+        lo = y - (hi - x)
+        if lo:
+            partials[i] = lo
+            i += 1
+        x = hi
+    partials[i:] = [x]
 
 
 class ShardFiles:
@@ -192,7 +227,8 @@ def make_splits(source: Source, val_fraction: float, seed: int, order: np.ndarra
 
 def write_dataset(source: Source, out: str, grid, overlap: int, margin: int, val_fraction: float,
                   seed: int, force: bool = False, full: bool = True, progress: bool | None = None,
-                  ranks: Ranks | None = None, order: np.ndarray | None = None, extra: dict | None = None) -> dict:
+                  ranks: Ranks | None = None, order: np.ndarray | None = None, extra: dict | None = None,
+                  chunk_bytes: int = CHUNK_BYTES) -> dict:
     """Write manifest.json, sub_XXX.h5 for every subdomain and full.h5, streaming the source chunk by
     chunk (every rank of ``ranks`` decodes a slice; rank 0 writes); return the manifest.
     ``order``: the training images' content ids, which order the validation draw."""
@@ -215,7 +251,7 @@ def write_dataset(source: Source, out: str, grid, overlap: int, margin: int, val
     prep_id = (hashlib.sha256((checksum + json.dumps(options, sort_keys=True) + __version__).encode()).hexdigest()[:16]
                if ranks.is_root else None)
     ranks.agree(lambda: check_space(out, output_bytes(deco, splits, margin, shape0, dtype, full)))
-    rows = chunk_rows(shape0, dtype.itemsize)
+    rows = chunk_rows(shape0, dtype.itemsize, chunk_bytes)
     stats = ChannelStats(shape0[0], scale)
     tmp = files = None
     names = [shard_name(i) for i in range(deco.n)] + ([FULL_NAME] if full else [])

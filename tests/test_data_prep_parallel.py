@@ -1,0 +1,229 @@
+"""data_prep at scale: streamed in chunks, several workers, several MPI ranks, corrupt files half-way.
+
+The output must not depend on how it was made: every variant is compared byte for byte (shards)
+with a one-worker, one-rank conversion of the same input.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from data_prep.ranks import launched_tasks
+from data_prep.sources import read_idx
+from tests.conftest import env_for_tests, mpiexec_path, require_ok, run_python
+
+
+def prep(*args, ranks=None, timeout=300):
+    return run_python(["-m", "data_prep", *map(str, args), "--quiet"], ranks=ranks, timeout=timeout)
+
+
+def shard_digest(out) -> dict:
+    return {os.path.basename(p): hashlib.sha256(open(p, "rb").read()).hexdigest()
+            for p in sorted(glob.glob(os.path.join(out, "*.h5")))}
+
+
+def manifest_of(out) -> dict:
+    m = json.load(open(os.path.join(out, "manifest.json")))
+    m.pop("created")
+    return m
+
+
+@pytest.fixture(scope="module")
+def real_images(fashion_dir):
+    """1,200 real Fashion-MNIST training images, 300 test images, with labels."""
+    x = read_idx(f"{fashion_dir}/train-images-idx3-ubyte.gz")[:1200]
+    y = read_idx(f"{fashion_dir}/train-labels-idx1-ubyte.gz")[:1200]
+    xt = read_idx(f"{fashion_dir}/t10k-images-idx3-ubyte.gz")[:300]
+    yt = read_idx(f"{fashion_dir}/t10k-labels-idx1-ubyte.gz")[:300]
+    return x, y, xt, yt
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, real_images):
+    """An ImageFolder (train/ and test/) of PNGs, file names unrelated to the original order."""
+    from PIL import Image
+
+    x, y, xt, yt = real_images
+    root = tmp_path_factory.mktemp("folder") / "fm"
+    for split, xs, ys in (("train", x, y), ("test", xt, yt)):
+        for j, (img, k) in enumerate(zip(xs, ys)):
+            d = root / split / f"class_{k}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.stack([img] * 3, -1)).save(d / f"{(j * 7919) % 100003:06d}.png")
+    return root
+
+
+def test_launched_tasks_from_the_environment():
+    assert launched_tasks({}) == 1
+    assert launched_tasks({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}) == 1  # an sbatch script, no srun
+    assert launched_tasks({"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4"}) == 4
+    assert launched_tasks({"PMI_SIZE": "2", "PMI_RANK": "1"}) == 2
+    assert launched_tasks({"OMPI_COMM_WORLD_SIZE": "3"}) == 3
+
+
+def test_output_does_not_depend_on_chunks_workers_or_ranks(tmp_path, folder):
+    """Image folder, 4x4 grid with overlap and margin: one worker and one chunk of everything, tiny
+    chunks, two workers, two MPI ranks (each with its own worker): the same shard bytes."""
+    common = ["--grid", "4x4", "--overlap", "2", "--margin", "1", "--channels", "1"]
+    require_ok(prep("imagefolder", folder, tmp_path / "one", *common, "--workers", "1", "--chunk-mb", "1000"))
+    reference = shard_digest(tmp_path / "one")
+    assert len(reference) == 17
+    variants = {"tiny chunks": ["--workers", "1", "--chunk-mb", "0.05"], "two workers": ["--workers", "2"]}
+    for name, extra in variants.items():
+        require_ok(prep("imagefolder", folder, tmp_path / name.replace(" ", "_"), *common, *extra))
+        assert shard_digest(tmp_path / name.replace(" ", "_")) == reference, name
+        assert manifest_of(tmp_path / name.replace(" ", "_"))["mean"] == manifest_of(tmp_path / "one")["mean"]
+    require_ok(prep("imagefolder", folder, tmp_path / "ranks", *common, "--workers", "1", "--chunk-mb", "0.2",
+                    ranks=2))
+    assert shard_digest(tmp_path / "ranks") == reference
+    m = manifest_of(tmp_path / "ranks")
+    assert m == manifest_of(tmp_path / "one")
+    assert m["split_draw"].startswith("content")
+    assert sorted(os.listdir(tmp_path)) == ["one", "ranks", "tiny_chunks", "two_workers"]
+
+
+def test_split_is_a_function_of_the_images(tmp_path, real_images):
+    """The same images as CIFAR-style pickles (in their original order) and as an image folder (sorted
+    by class, then by unrelated file names): the same images are held out for validation."""
+    from PIL import Image
+
+    x, y, xt, yt = real_images
+    rgb = np.repeat(np.pad(x, ((0, 0), (2, 2), (2, 2)))[:, None], 3, axis=1)
+    rgbt = np.repeat(np.pad(xt, ((0, 0), (2, 2), (2, 2)))[:, None], 3, axis=1)
+    src = tmp_path / "cifar-10-batches-py"
+    src.mkdir()
+    for j in range(5):
+        part = slice(j * 240, (j + 1) * 240)
+        with open(src / f"data_batch_{j + 1}", "wb") as f:
+            pickle.dump({b"data": rgb[part].reshape(240, -1), b"labels": y[part].tolist()}, f)
+    with open(src / "test_batch", "wb") as f:
+        pickle.dump({b"data": rgbt.reshape(300, -1), b"labels": yt.tolist()}, f)
+    with open(src / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"class_{k}".encode() for k in range(10)]}, f)
+    folder = tmp_path / "folder"
+    for split, xs, ys in (("train", rgb, y), ("test", rgbt, yt)):
+        for j, (img, k) in enumerate(zip(xs, ys)):
+            (folder / split / f"class_{k}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img.transpose(1, 2, 0)).save(folder / split / f"class_{k}" / f"{(j * 7919) % 100003:06d}.png")
+    require_ok(prep("cifar10", src, tmp_path / "pickles", "--grid", "2x2", "--max-test", "200"))
+    require_ok(prep("imagefolder", folder, tmp_path / "pngs", "--grid", "2x2", "--max-test", "200"))
+
+    def images(out, split):
+        with h5py.File(os.path.join(out, "full.h5"), "r") as f:
+            return sorted(hashlib.sha256(a.tobytes()).hexdigest() for a in f[split]["x"][:])
+    for split in ("val", "test", "train"):
+        assert images(tmp_path / "pickles", split) == images(tmp_path / "pngs", split), split
+    # by position instead, the two formats hold out different images (why content is the default)
+    require_ok(prep("cifar10", src, tmp_path / "p2", "--grid", "2x2", "--split-draw", "position"))
+    require_ok(prep("imagefolder", folder, tmp_path / "f2", "--grid", "2x2", "--split-draw", "position"))
+    assert images(tmp_path / "p2", "val") != images(tmp_path / "f2", "val")
+
+
+@pytest.fixture()
+def corrupt_folder(tmp_path, real_images):
+    """400 JPEG/PNG files, one corrupt JPEG in the middle of the class folders."""
+    from PIL import Image
+
+    x, y, _, _ = real_images
+    root = tmp_path / "src"
+    for j in range(400):
+        d = root / f"k{y[j]}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[j]).save(d / f"{j:04d}.{'png' if j % 2 else 'jpg'}")
+    files = sorted(p for p in root.rglob("*.*"))
+    bad = files[len(files) // 2]
+    bad.write_bytes(bad.read_bytes()[:300] + b"\x00" * 50)
+    bad.rename(bad.with_suffix(".jpg"))
+    return root, bad.with_suffix(".jpg")
+
+
+@pytest.mark.parametrize("draw", ["content", "position"])
+def test_corrupt_file_half_way_is_named_and_nothing_is_left(tmp_path, corrupt_folder, draw):
+    """Found by the hashing pass (content) or while writing the shards (position): one line naming
+    the file, exit 2, no output folder, no hidden temporary folder."""
+    root, bad = corrupt_folder
+    before = sorted(os.listdir(tmp_path))
+    proc = prep("imagefolder", root, tmp_path / "out", "--grid", "2x2", "--channels", "1", "--split-draw", draw,
+                "--chunk-mb", "0.01")
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith(f"error: {bad}: cannot decode image"), lines[0]
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_skip_bad_skips_and_lists_the_file(tmp_path, corrupt_folder):
+    root, bad = corrupt_folder
+    proc = prep("imagefolder", root, tmp_path / "out", "--grid", "2x2", "--channels", "1", "--skip-bad")
+    require_ok(proc)
+    m = json.load(open(tmp_path / "out" / "manifest.json"))
+    assert len(m["skipped"]) == 1 and m["skipped"][0].startswith(f"{bad}: cannot decode image")
+    assert sum(m["splits"].values()) == 399
+
+
+def test_bad_file_under_two_ranks_is_one_line(tmp_path, corrupt_folder):
+    root, bad = corrupt_folder
+    proc = prep("imagefolder", root, tmp_path / "out", "--grid", "2x2", "--channels", "1", "--workers", "1",
+                ranks=2)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and lines == [f"error: {lines[0][7:]}"] and str(bad) in lines[0], proc.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
+def _rank_pid(rank: int, marker: str) -> int | None:
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if b"data_prep" in cmd and marker.encode() in b" ".join(cmd) and f"PMI_RANK={rank}".encode() in env:
+            return int(pid)
+    return None
+
+
+@pytest.mark.parametrize("how", ["killed", "stopped"])
+def test_a_rank_that_dies_or_hangs_ends_the_job(tmp_path, folder, how):
+    """Rank 1 SIGKILLed (or SIGSTOPped: --timeout) while the shards are written: the job ends, no
+    output folder appears and nothing left looks like a finished output (no manifest)."""
+    out = tmp_path / "out"
+    cmd = [mpiexec_path(), "-n", "2", sys.executable, "-m", "data_prep", "imagefolder", str(folder), str(out),
+           "--grid", "4x4", "--overlap", "2", "--workers", "1", "--chunk-mb", "0.02", "--timeout", "5", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_for_tests())
+    t0 = time.time()
+    pid = None
+    while time.time() - t0 < 120 and proc.poll() is None:
+        pid = pid or _rank_pid(1, str(out))
+        if pid and any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir()):
+            break
+        time.sleep(0.01)
+    assert pid and proc.poll() is None, "the conversion ended before rank 1 could be stopped"
+    os.kill(pid, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if how == "stopped":
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert proc.returncode != 0
+    if how == "stopped":
+        assert "rank 1 (host " in err and "sent nothing for 5 s" in err, err[-2000:]
+    assert time.time() - t0 < 90
+    assert not out.exists()
+    leftovers = [p for p in tmp_path.iterdir()]
+    assert all(p.name.startswith(".out.tmp-") and not (p / "manifest.json").exists() for p in leftovers), leftovers
