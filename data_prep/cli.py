@@ -51,6 +51,9 @@ def build_parser() -> OneLineParser:
                    help="imagefolder: skip files that cannot be decoded (listed in the manifest) instead of stopping")
     p.add_argument("--workers", type=count(1), metavar="N",
                    help="imagefolder: decoding processes per rank (default: the cores of this rank)")
+    p.add_argument("--decoder", choices=("torchvision", "pil"), default="torchvision",
+                   help="imagefolder: torchvision.io (default; JPEG, PNG, WebP, GIF; PIL for the rest) or PIL for "
+                        "every file (no torch in the decoding processes: less memory per worker)")
     p.add_argument("--chunk-mb", type=float, default=CHUNK_BYTES / 2**20, metavar="MB",
                    help="pixels decoded and written at a time, per chunk (default 128); the output does not depend on it")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S",
@@ -88,7 +91,7 @@ def load_source(args, ranks: Ranks | None = None) -> sources.Source:
                 raise UserError(f"--size {' '.join(map(str, args.size))}: expected H W, two positive numbers")
             size = tuple(args.size)
         decoder = sources.Decoder(args.workers or default_workers(),
-                                  "spawn" if ranks is not None and ranks.size > 1 else "fork")
+                                  "spawn" if ranks is not None and ranks.size > 1 else "fork", args.decoder)
         return sources.load_imagefolder(args.input, args.name, size, args.channels, decoder)
     if args.num_classes is not None and args.num_classes < 2:
         raise UserError(f"--num-classes {args.num_classes}: expected at least 2")

@@ -384,28 +384,24 @@ def load_cifar(path: str, name: str | None = None, hundred: bool = False) -> Sou
 TORCHVISION_DECODES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
 
 
-def image_suffixes() -> tuple[str, ...]:
-    """torchvision's ImageFolder extensions (``IMG_EXTENSIONS``), plus .gif."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
-    return tuple(IMG_EXTENSIONS) + (".gif",)
+# torchvision's ImageFolder conventions (``torchvision.datasets.folder``: IMG_EXTENSIONS, find_classes),
+# kept here rather than imported: importing torchvision costs every decoding process 1-2 s and about
+# 0.7 GB (torch); tests/test_data_prep.py checks that the two agree.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
 def _class_folders(path: str) -> list[str]:
-    """torchvision's class discovery (sorted sub-folders), without hidden folders."""
-    from torchvision.datasets.folder import find_classes
-
+    """Sorted sub-folders, as torchvision's ``find_classes``, without hidden ones."""
     try:
-        return [c for c in find_classes(path)[0] if not c.startswith(".")]
-    except FileNotFoundError:
+        return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+    except OSError:
         return []
 
 
-def _image_files(folder: str, suffixes) -> list[str]:
-    from torchvision.datasets.folder import has_file_allowed_extension
-
+def _image_files(folder: str) -> list[str]:
+    """Image files by extension (case-insensitive, as torchvision's ``has_file_allowed_extension``)."""
     return sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                  if has_file_allowed_extension(f, suffixes) and not f.startswith("."))
+                  if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith("."))
 
 
 def _eight_bit(im, path: str):
@@ -441,7 +437,7 @@ def _sixteen_bit_png(data: bytes) -> bool:
     return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 24 and data[24] == 16
 
 
-def decode_file(path: str, size, channels: int) -> np.ndarray:
+def decode_file(path: str, size, channels: int, decoder: str = "torchvision") -> np.ndarray:
     """One image file as (C, H, W) uint8, resized (bilinear, antialiased) to ``size`` if given.
 
     JPEG, PNG, WebP and GIF are decoded by ``torchvision.io.decode_image`` (libjpeg-turbo, libpng;
@@ -453,7 +449,7 @@ def decode_file(path: str, size, channels: int) -> np.ndarray:
             data = f.read()
     except OSError as e:
         raise UserError(f"{path}: cannot read image ({e.strerror})") from None
-    if path.lower().endswith(TORCHVISION_DECODES) and not _sixteen_bit_png(data):
+    if decoder == "torchvision" and path.lower().endswith(TORCHVISION_DECODES) and not _sixteen_bit_png(data):
         import torch
         from torchvision.io import ImageReadMode, decode_image
 
@@ -470,6 +466,17 @@ def decode_file(path: str, size, channels: int) -> np.ndarray:
             t = TF.resize(t, list(size), antialias=True)
         return t.numpy()
     return _decode_pil(path, data, size, channels)
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    """(H, W) from the file's header (PIL reads no pixels for it)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.size[1], im.size[0]
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"{path}: cannot decode image ({e})") from None
 
 
 def _decode_pil(path: str, data: bytes, size, channels: int) -> np.ndarray:
@@ -489,14 +496,15 @@ def _decode_pil(path: str, data: bytes, size, channels: int) -> np.ndarray:
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
-def _decode_many(paths: list[str], size, channels: int, what: str):
+def _decode_many(paths: list[str], size, channels: int, what: str, decoder: str = "torchvision"):
     """Worker task: "pixels" -> (n, C, H, W); "hashes" -> content ids; "check" -> (ids, -1 where the
     file cannot be decoded, messages)."""
-    import torch
+    if decoder == "torchvision":
+        import torch
 
-    torch.set_num_threads(1)
+        torch.set_num_threads(1)
     if what == "pixels":
-        out = [decode_file(p, size, channels) for p in paths]
+        out = [decode_file(p, size, channels, decoder) for p in paths]
         shapes = {a.shape for a in out}
         if len(shapes) > 1:
             raise UserError(f"{paths[0]}: images of different sizes; give --size H W to resize them")
@@ -504,7 +512,7 @@ def _decode_many(paths: list[str], size, channels: int, what: str):
     ids, messages = np.full(len(paths), -1, np.int64), []
     for j, p in enumerate(paths):
         try:
-            a = decode_file(p, size, channels)
+            a = decode_file(p, size, channels, decoder)
         except UserError as e:
             if what != "check":
                 raise
@@ -515,17 +523,18 @@ def _decode_many(paths: list[str], size, channels: int, what: str):
 
 
 class Decoder:
-    """A pool of ``workers`` processes decoding image files (one process: decoded in place)."""
+    """A pool of ``workers`` processes decoding image files (one process: decoded in place) with
+    torchvision (default) or PIL (``pil``: no torch in the workers, about 0.5 GB less each)."""
 
-    def __init__(self, workers: int = 1, start: str = "fork"):
-        self.workers, self.start, self._pool = max(1, workers), start, None
+    def __init__(self, workers: int = 1, start: str = "fork", library: str = "torchvision"):
+        self.workers, self.start, self.library, self._pool = max(1, workers), start, library, None
 
     def map(self, paths: list[str], size, channels: int, what: str) -> list:
         pieces = max(1, min(len(paths), 4 * self.workers))
         bounds = np.linspace(0, len(paths), pieces + 1).astype(int)
         parts = [paths[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         if self.workers == 1 or len(parts) == 1:
-            return [_decode_many(p, size, channels, what) for p in parts]
+            return [_decode_many(p, size, channels, what, self.library) for p in parts]
         if self._pool is None:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
@@ -533,7 +542,7 @@ class Decoder:
             # fork starts in milliseconds; under MPI, spawn (a forked MPI process is not safe everywhere)
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(self.start))
         return list(self._pool.map(_decode_many, parts, [size] * len(parts), [channels] * len(parts),
-                                   [what] * len(parts)))
+                                   [what] * len(parts), [self.library] * len(parts)))
 
     def close(self) -> None:
         if self._pool is not None:
@@ -567,13 +576,12 @@ class FolderImages(Images):
 
 def _folder_split(root: str, classes: list[str], where: str):
     files, labels = [], []
-    suffixes = image_suffixes()
     for k, c in enumerate(classes):
         folder = os.path.join(root, c)
-        found = _image_files(folder, suffixes) if os.path.isdir(folder) else []
+        found = _image_files(folder) if os.path.isdir(folder) else []
         if not found:
             raise UserError(f"{folder}: empty class folder; expected image files "
-                            f"({', '.join(suffixes[:3])}, ...)")
+                            f"({', '.join(IMAGE_SUFFIXES[:3])}, ...)")
         files += found
         labels += [k] * len(found)
     return files, np.asarray(labels, dtype=np.int64)
@@ -595,7 +603,7 @@ def load_imagefolder(path: str, name: str | None = None, size=None, channels: in
         raise UserError(f"{root}: no class folders; expected one sub-folder of images per class")
     files, y = _folder_split(root, classes, root)
     if size is None:
-        size = tuple(decode_file(files[0], None, channels).shape[1:])
+        size = _image_size(files[0])
     check_image_memory((channels,) + tuple(size), 1, root)
     train = Split(FolderImages(files, size, channels, decoder), y, np.arange(len(y), dtype=np.int64))
     test = None

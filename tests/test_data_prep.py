@@ -395,3 +395,16 @@ def test_full_disk_is_refused_before_writing(small_disk, fashion_small, tmp_path
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert f"{small_disk}/out: the shards need about" in lines[0] and "free" in lines[0], lines[0]
     assert os.listdir(small_disk) == []
+
+
+def test_image_folder_conventions_match_torchvision(tmp_path):
+    """Extensions and class discovery are torchvision's ImageFolder's (kept in data_prep, not imported)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
+
+    from data_prep.sources import IMAGE_SUFFIXES, _class_folders
+
+    assert set(IMG_EXTENSIONS) <= set(IMAGE_SUFFIXES)
+    for name in ("b", "a", "A", "c_1", ".hidden"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "file.png").write_bytes(b"")
+    assert _class_folders(str(tmp_path)) == [c for c in find_classes(str(tmp_path))[0] if not c.startswith(".")]
