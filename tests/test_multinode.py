@@ -193,3 +193,33 @@ def test_different_software_on_one_node(cluster2, small_data, tmp_path):
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
     assert "the ranks run different hpcdd versions:" in lines[0] and "on node1 (ranks 0, 1)" in lines[0] \
         and "9.9-" in lines[0] and "on node2 (ranks 2, 3)" in lines[0], lines
+
+
+def test_data_prep_on_two_nodes_writes_the_same_shards(cluster2, fashion_dir, tmp_path):
+    """srun -N 2 -n 2 python -m data_prep: each node decodes its slice of every chunk, rank 0 writes; the
+    shards are byte-identical to one process's."""
+    import hashlib
+
+    import numpy as np
+    from PIL import Image
+
+    from data_prep.sources import read_idx
+
+    x = read_idx(f"{fashion_dir}/train-images-idx3-ubyte.gz")[:600]
+    y = read_idx(f"{fashion_dir}/train-labels-idx1-ubyte.gz")[:600]
+    src = tmp_path / "folder"
+    for j, (img, k) in enumerate(zip(x, y)):
+        (src / f"c{k}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.pad(img, 2)).save(src / f"c{k}" / f"{j:04d}.png")
+    args = ["-m", "data_prep", "imagefolder", str(src), None, "--grid", "2x2", "--overlap", "1", "--channels", "1",
+            "--chunk-mb", "0.02", "--quiet"]
+    require_ok(run_python([a if a else str(tmp_path / "one") for a in args]))
+    proc = cluster2.run("srun", "-N", "2", "-n", "2", "--ntasks-per-node=1", "--mpi=pmi2", "--kill-on-bad-exit=1",
+                        sys.executable, *[a if a else str(tmp_path / "two") for a in args], "--workers", "2",
+                        timeout=300, check=False, env=job_env(cluster2))
+    require_ok(proc)
+
+    def digest(out):
+        return {p: hashlib.sha256(open(os.path.join(out, p), "rb").read()).hexdigest()
+                for p in sorted(os.listdir(out)) if p.endswith(".h5")}
+    assert digest(tmp_path / "two") == digest(tmp_path / "one") and len(digest(tmp_path / "one")) == 5
