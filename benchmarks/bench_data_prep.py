@@ -5,6 +5,9 @@
 Targets (issue #2): preparation at most 15 s on the 2-core machine; reading a shard's training split
 must not limit training, so its speed is printed next to the rate at which local training
 consumes the same bytes (measured here too, one epoch of the local CNN on that shard).
+Then (issue #12) the two image decoders of ``imagefolder`` side by side on the same files, one
+process: torchvision.io.decode_image (+ antialiased resize) against PIL, PNG and JPEG, 112x112 grey
+Fashion-MNIST images, as stored and resized to 64x64.
 """
 
 from __future__ import annotations
@@ -66,8 +69,32 @@ def main() -> None:
         consume = res.history[0]["images_per_s"] * nbytes / m.count("train") / 1e6
         print(f"local training (1 thread) consumes {res.history[0]['images_per_s']:.0f} subimages/s = {consume:.2f} MB/s; "
               f"reading is {raw / consume:.0f}x faster than training needs, and happens once per run")
+        decoders(work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def decoders(work: str, n: int = 2000) -> None:
+    from PIL import Image
+
+    from data_prep.sources import decode_file, read_idx
+
+    x = read_idx(f"{FASHION}/t10k-images-idx3-ubyte.gz")[:n]
+    for ext in ("png", "jpg"):
+        files = []
+        for j, a in enumerate(x):
+            files.append(os.path.join(work, f"{j}.{ext}"))
+            Image.fromarray(a).resize((112, 112), Image.BILINEAR).save(files[-1])
+        for size in (None, (64, 64)):
+            rates = {}
+            for library in ("torchvision", "pil", "torchvision", "pil"):  # each twice: the second run counts
+                t0 = time.perf_counter()
+                for f in files:
+                    decode_file(f, size, 1, library)
+                rates[library] = n / (time.perf_counter() - t0)
+            print(f"decode {ext} 112x112 -> {'as stored' if size is None else '64x64'}: torchvision "
+                  f"{rates['torchvision']:.0f} img/s, PIL {rates['pil']:.0f} img/s, "
+                  f"ratio {rates['torchvision'] / rates['pil']:.2f}")
 
 
 if __name__ == "__main__":

@@ -125,8 +125,8 @@ def main() -> None:
         print("| files | workers | seconds | speedup | peak memory (PSS, MB) | shards (GB) |\n| --- | --- | --- | --- | --- | --- |")
         base = rows[0][2]
         for n, w, seconds, peak, written in rows:
-            print(f"| {n} | {w} | {seconds:.1f} | {base / seconds if n == args.n else float('nan'):.2f}x | "
-                  f"{peak / 1e6:.0f} | {written / 1e9:.2f} |")
+            speedup = f"{base / seconds:.2f}x" if n == args.n else "-"
+            print(f"| {n} | {w} | {seconds:.1f} | {speedup} | {peak / 1e6:.0f} | {written / 1e9:.2f} |")
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

@@ -46,7 +46,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("--split-draw", choices=("content", "position"), default="content",
                    help="order of the seeded test/validation/subset draws: content (default; a hash of each image's "
                         "pixels, so the split is the same from any source format or file order; costs one extra "
-                        "decoding pass for image folders) or position (source order; as before version 0.4)")
+                        "decoding pass for image folders) or position (source order; the draws made before "
+                        "content ids, with byte-identical shards)")
     p.add_argument("--skip-bad", action="store_true",
                    help="imagefolder: skip files that cannot be decoded (listed in the manifest) instead of stopping")
     p.add_argument("--workers", type=count(1), metavar="N",

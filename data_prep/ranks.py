@@ -102,7 +102,7 @@ class Ranks:
         if self.size == 1:
             if mine[0] == "error":
                 raise AgreedError(mine[1])
-            return join([mine[1]])
+            return mine[1]
         if self.is_root:
             parts = [mine] + [self._recv(r) for r in range(1, self.size)]
             errors = [p[1] for p in parts if p[0] == "error"]

@@ -74,13 +74,22 @@ class Images:
         return self.hashes(rows), []
 
     def take(self, rows) -> "Images":
-        rows = np.asarray(rows, dtype=np.int64)
-        sub = Images(len(rows), self.item_shape, self.dtype, lambda r: self._read(rows[r]),
-                     None if self.files is None else [self.files[i] for i in rows])
-        base = self
-        sub.hashes = lambda r: base.hashes(rows[np.asarray(r, dtype=np.int64)])
-        sub.bad = lambda r: base.bad(rows[np.asarray(r, dtype=np.int64)])
-        return sub
+        return Subset(self, np.asarray(rows, dtype=np.int64))
+
+
+class Subset(Images):
+    """``base`` restricted to ``rows`` (a split, a --max-* subset): reads, hashes and checks go to ``base``."""
+
+    def __init__(self, base: Images, rows: np.ndarray):
+        self.base, self.rows = base, rows
+        super().__init__(len(rows), base.item_shape, base.dtype, lambda r: base.read(rows[r]),
+                         None if base.files is None else [base.files[i] for i in rows])
+
+    def hashes(self, rows) -> np.ndarray:
+        return self.base.hashes(self.rows[np.asarray(rows, dtype=np.int64)])
+
+    def bad(self, rows):
+        return self.base.bad(self.rows[np.asarray(rows, dtype=np.int64)])
 
 
 def content_ids(x: np.ndarray) -> np.ndarray:
@@ -117,6 +126,7 @@ class Source:
     files: list[str] = field(default_factory=list)
     description: str = ""
     cleanup: list = field(default_factory=list)  # temporary files to remove when done
+    recorded: list | None = None  # what the manifest lists (an image folder: its root, not every file)
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -615,7 +625,7 @@ def load_imagefolder(path: str, name: str | None = None, size=None, channels: in
         test = Split(FolderImages(tfiles, size, channels, decoder), yte, len(y) + np.arange(len(yte), dtype=np.int64))
         files = files + tfiles
     return Source(name or os.path.basename(os.path.normpath(path)), "imagefolder", classes, train, test,
-                  files, f"image folder {os.path.abspath(path)} resized to {size[0]}x{size[1]}", [decoder])
+                  files, f"image folder {os.path.abspath(path)} resized to {size[0]}x{size[1]}", [decoder], [path])
 
 
 # -------------------------------------------------------------------------------------- npz

@@ -127,10 +127,11 @@ class ChannelStats:
         step = max(1, (1 << 23) // max(1, flat.shape[1] * flat.shape[2]))
         for a in range(0, len(flat), step):
             part = flat[a:a + step]
-            if x.dtype == np.uint8:
-                wide = part.astype(np.int64)
-                self.ints[0] = self.ints[0] + wide.sum(axis=(0, 2))
-                self.ints[1] = self.ints[1] + (wide * wide).sum(axis=(0, 2))
+            if x.dtype == np.uint8:  # value histograms: exact and without a widened copy
+                levels = np.arange(256, dtype=np.int64)
+                counts = np.stack([np.bincount(part[:, ch].ravel(), minlength=256) for ch in range(c)])
+                self.ints[0] = self.ints[0] + counts @ levels
+                self.ints[1] = self.ints[1] + counts @ (levels * levels)
                 continue
             wide = part.astype(np.float64)
             for k, values in enumerate((wide.sum(axis=2), (wide * wide).sum(axis=2))):
@@ -348,7 +349,8 @@ def _manifest(source, deco, splits, shape0, dtype, overlap, margin, scale, mean,
         "mean": mean,
         "std": std,
         "source": {"kind": source.kind, "description": source.description,
-                   "files": [os.path.abspath(p) for p in source.files], "sha256": checksum},
+                   "files": [os.path.abspath(p) for p in (source.recorded or source.files)],
+                   "file_count": len(source.files), "sha256": checksum},
         "seed": seed,
         "val_fraction": val_fraction,
         "prep_id": prep_id,
