@@ -79,20 +79,26 @@ def decoders(work: str, n: int = 2000) -> None:
 
     from data_prep.sources import decode_file, read_idx
 
+    import numpy as np
+
     x = read_idx(f"{FASHION}/t10k-images-idx3-ubyte.gz")[:n]
-    for ext in ("png", "jpg"):
+    cases = [("png", "112x112 grey", (112, 112), 1, [None, (64, 64)]),
+             ("jpg", "112x112 grey", (112, 112), 1, [None, (64, 64)]),
+             ("jpg", "500x375 RGB (ImageNet-like)", (500, 375), 3, [(224, 224)])]
+    for ext, label, wh, channels, sizes in cases:
         files = []
-        for j, a in enumerate(x):
-            files.append(os.path.join(work, f"{j}.{ext}"))
-            Image.fromarray(a).resize((112, 112), Image.BILINEAR).save(files[-1])
-        for size in (None, (64, 64)):
+        for j, a in enumerate(x[: n if channels == 1 else n // 4]):
+            files.append(os.path.join(work, f"{j}_{wh[0]}.{ext}"))
+            im = Image.fromarray(a if channels == 1 else np.stack([a, np.roll(a, 3, 0), 255 - a], -1))
+            im.resize(wh, Image.BICUBIC).save(files[-1], **({"quality": 90} if ext == "jpg" else {}))
+        for size in sizes:
             rates = {}
             for library in ("torchvision", "pil", "torchvision", "pil"):  # each twice: the second run counts
                 t0 = time.perf_counter()
                 for f in files:
-                    decode_file(f, size, 1, library)
-                rates[library] = n / (time.perf_counter() - t0)
-            print(f"decode {ext} 112x112 -> {'as stored' if size is None else '64x64'}: torchvision "
+                    decode_file(f, size, channels, library)
+                rates[library] = len(files) / (time.perf_counter() - t0)
+            print(f"decode {ext} {label} -> {'as stored' if size is None else 'x'.join(map(str, size))}: torchvision "
                   f"{rates['torchvision']:.0f} img/s, PIL {rates['pil']:.0f} img/s, "
                   f"ratio {rates['torchvision'] / rates['pil']:.2f}")
 
