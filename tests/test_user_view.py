@@ -4,6 +4,7 @@ umask, a report that names the exported model. One small real 2-rank run, starte
 from __future__ import annotations
 
 import glob
+import json
 import os
 import stat
 import subprocess
@@ -45,7 +46,8 @@ def test_batch_log_shows_progress_of_every_rank_with_eta(user_run):
     assert local and any("(rank 1)" in ln for ln in local), out[-3000:]  # rank 0 shows rank 1's subdomain too
     assert any(", run ETA ~" in ln for ln in local), local
     assert any(ln.startswith("[global] global CNN epoch 1/1 step ") for ln in lines), lines
-    assert "outputs of the 4 local CNNs on the train split (1080 samples)" in out
+    n_train = json.load(open(os.path.join(user_run[0], "manifest.json")))["splits"]["train"]
+    assert f"outputs of the 4 local CNNs on the train split ({n_train} samples)" in out
     assert "[aggregate] DNN epoch 20/20: loss " in out
 
 

@@ -94,19 +94,29 @@ def run(ctx) -> None:
     layout, m = ctx.layout, ctx.manifest
     os.makedirs(layout.phase_dir("aggregate"), exist_ok=True)
     models = load_local_models(ctx, layout.local_model)
-    logits = {}
+    logits, seconds = {}, {"inference": {}, "gather": {}}
     for split in SPLITS:
         t1 = time.perf_counter()
-        logits[split] = gather_at_root(ctx, split, lambda: np.stack([
-            logits_of(models[i], ctx.data(i, split), ctx.device, ctx.cfg.eval_batch_size)
-            for i in ctx.world.own.subdomains]))
+        timer = {"inference": 0.0}  # replicas other than the first compute nothing
+
+        def infer():
+            t = time.perf_counter()
+            out = np.stack([logits_of(models[i], ctx.data(i, split), ctx.device, ctx.cfg.eval_batch_size)
+                            for i in ctx.world.own.subdomains])
+            timer["inference"] = time.perf_counter() - t
+            return out
+        logits[split] = gather_at_root(ctx, split, infer)
+        seconds["inference"][split] = timer["inference"]
+        seconds["gather"][split] = time.perf_counter() - t1 - timer["inference"]
         ctx.log(f"[aggregate] outputs of the {m.n} local CNNs on the {split} split ({m.count(split)} samples) "
-                f"gathered in {time.perf_counter() - t1:.1f} s")
+                f"gathered in {time.perf_counter() - t1:.1f} s (rank 0's inference {timer['inference']:.1f} s)")
+    t_dnn = time.perf_counter()
     kind = ctx.cfg.dnn.input
     if ctx.world.is_root:
         labels = {s: labels_of(ctx, s) for s in SPLITS}
         feats = {s: dnn_view(torch.from_numpy(logits[s]), kind) for s in SPLITS}
     trained = on_root(ctx, lambda: train_dnn(ctx, feats, labels))
+    seconds["dnn"] = time.perf_counter() - t_dnn
     dnn = ctx.models.dnn()
     flat = bcast_array(ctx.world.comm, None if trained is None else flatten_state(trained[0]))
     dnn.load_state_dict(unflatten_state(dnn.state_dict(), flat))
@@ -126,6 +136,15 @@ def run(ctx) -> None:
                 results["local"][i][s] = accuracy(probs[:, i].argmax(1), y)
         info["wall_seconds"] = time.perf_counter() - t0
         results["dnn"] = info
+        # where the phase's time goes (rank 0): the local CNNs' inference per split, waiting for the
+        # other ranks' outputs, the DNN's training while the other ranks wait, the rest
+        seconds["total"] = info["wall_seconds"]
+        seconds["other"] = seconds["total"] - sum(seconds["inference"].values()) - sum(seconds["gather"].values()) \
+            - seconds["dnn"]
+        results["seconds"] = seconds
+        ctx.log(f"[aggregate] {seconds['total']:.1f} s: inference {sum(seconds['inference'].values()):.1f} s, "
+                f"waiting for other ranks {sum(seconds['gather'].values()):.1f} s, DNN training {seconds['dnn']:.1f} s "
+                f"(other ranks idle), rest {seconds['other']:.1f} s")
         checkpoint.save({"model": dnn.state_dict(), "input": kind, "hidden": list(ctx.cfg.dnn.hidden),
                          "info": info}, layout.dnn)
         checkpoint.write_json(results, layout.result("aggregate"))
