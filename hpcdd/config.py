@@ -80,6 +80,14 @@ class PreemptionConfig:
 
 
 @dataclass
+class PerformanceConfig:
+    """How the CNNs run (hpcdd/acceleration.py): "auto" (measured best here), "on" or "off"."""
+
+    channels_last: str = "auto"  # auto: on for 2D CNNs
+    compile: str = "auto"  # auto: on a GPU; on the CPU off (compile time exceeds the gain in short runs)
+
+
+@dataclass
 class Config:
     data: str = ""
     out: str = ""
@@ -100,6 +108,7 @@ class Config:
     coherent: CoherentConfig = field(default_factory=CoherentConfig)
     global_: TrainConfig = field(default_factory=TrainConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
 
     def to_dict(self) -> dict:
         return _to_dict(self)
@@ -251,6 +260,10 @@ def validate(cfg: Config) -> None:
         (cfg.device in ("auto", "cpu", "cuda"), f"device = {cfg.device!r}: expected auto, cpu or cuda"),
         (cfg.threads >= 0, f"threads = {cfg.threads}: expected 0 (automatic) or a positive count"),
         (cfg.memory_limit_gb > 0, f"memory_limit_gb = {cfg.memory_limit_gb}: expected a positive size"),
+        (cfg.performance.channels_last in ("auto", "on", "off"),
+         f"performance.channels_last = {cfg.performance.channels_last!r}: expected \"auto\", \"on\" or \"off\""),
+        (cfg.performance.compile in ("auto", "on", "off"),
+         f"performance.compile = {cfg.performance.compile!r}: expected \"auto\", \"on\" or \"off\""),
         (cfg.num_classes >= 0, f"num_classes = {cfg.num_classes}: expected 0 (from the data) or a class count"),
         (cfg.log_interval >= 0, f"log_interval = {cfg.log_interval}: expected 0 (off) or a number of seconds"),
         (cfg.watchdog_timeout >= 0, f"watchdog_timeout = {cfg.watchdog_timeout}: expected 0 (off) or a number of seconds"),

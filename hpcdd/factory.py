@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import rng
+from .acceleration import accelerate
 from .aggregators import DNN
 from .data import ShardReader, SplitData, stream_plan
 from .manifest import Manifest
@@ -18,7 +19,8 @@ from .models import build_model, default_width_scale
 class Models:
     """Local CNN ``i``, the global CNN and the DNN, each initialised from (seed, its own tag)."""
 
-    def __init__(self, model_cfg, dnn_cfg, manifest: Manifest, seed: int, device="cpu"):
+    def __init__(self, model_cfg, dnn_cfg, manifest: Manifest, seed: int, device="cpu", performance=None):
+        self.performance = performance  # PerformanceConfig: channels_last, compile (None: plain eager)
         self.spec = model_cfg
         self.dnn_cfg = dnn_cfg
         self.manifest = manifest
@@ -29,12 +31,18 @@ class Models:
     def local(self, i: int) -> torch.nn.Module:
         m = self.manifest
         torch.manual_seed(rng.mix(self.seed, rng.TAG_INIT, i))
-        return build_model(self.spec, m.channels, m.subimage_shape(i), m.k, self.width_scale).to(self.device)
+        return self._fast(build_model(self.spec, m.channels, m.subimage_shape(i), m.k, self.width_scale))
 
     def global_(self) -> torch.nn.Module:
         m = self.manifest
         torch.manual_seed(rng.mix(self.seed, rng.TAG_INIT, rng.TAG_GLOBAL))
-        return build_model(self.spec, m.channels, m.spatial, m.k, 1.0).to(self.device)
+        return self._fast(build_model(self.spec, m.channels, m.spatial, m.k, 1.0))
+
+    def _fast(self, model: torch.nn.Module) -> torch.nn.Module:
+        model = model.to(self.device)
+        if self.performance is None:
+            return model
+        return accelerate(model, self.manifest.dims, self.performance, self.device)
 
     def dnn(self) -> DNN:
         torch.manual_seed(rng.mix(self.seed, rng.TAG_INIT, rng.TAG_DNN))

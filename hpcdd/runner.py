@@ -21,6 +21,7 @@ from .config import Config
 from .data import ShardReader
 from .events import decomposition_picture
 from .errors import UserError
+from .acceleration import compiler_problem, wants_channels_last, wants_compile
 from .factory import Models
 from .layout import RunLayout
 from .manifest import SPLITS, Manifest, load_manifest
@@ -54,6 +55,10 @@ def _validate_data(cfg: Config, world: World) -> Manifest:
         if t.augment_shift > manifest.margin:
             raise UserError(f"{name}.augment_shift = {t.augment_shift} needs shards stored with --margin "
                             f">= {t.augment_shift}, but {cfg.data} has margin {manifest.margin}")
+    if cfg.performance.compile == "on":
+        problem = compiler_problem(world.device)
+        if problem:
+            raise UserError(f"performance.compile = \"on\": {problem}; set it to \"auto\" or \"off\"")
     models = Models(cfg.model, cfg.dnn, manifest, cfg.seed)
     for i in own.subdomains:
         models.local(i)  # an architecture that does not fit the subimage raises a UserError here
@@ -259,6 +264,9 @@ def prepare(cfg: Config, world: World, resume: bool = False, force: bool = False
             f"{manifest.dataset} {'x'.join(map(str, manifest.grid))} grid"
             + (f", {own.replicas} replicas per subdomain" if own.replicas > 1 else
                f", up to {max(len(s) for s in own.table)} subdomain(s) per rank"))
+    perf = cfg.performance
+    ctx.log(f"CNNs: channels_last {'on' if wants_channels_last(perf.channels_last, manifest.dims) else 'off'}, "
+            f"torch.compile {wants_compile(perf.compile, world.device)[1]}")
     return ctx
 
 

@@ -121,6 +121,8 @@ CASES = [
     ("zero batch size", ["--set", "local.batch_size=0"], "expected a positive batch size", None),
     ("negative learning rate", ["--set", "global.lr=-0.1"], "expected a positive learning rate", None),
     ("unknown family", ["--set", "model.family=alexnet"], "model.family = 'alexnet'", None),
+    ("performance switch", ["--set", "performance.compile=yes"],
+     "performance.compile = 'yes': expected \"auto\", \"on\" or \"off\"", None),
     ("unknown phase", ["--phases", "local,everything"], "unknown phase 'everything'", None),
     ("bad signal", ["--set", "preemption.signals=SIGKILL"], "not a signal that can be caught", None),
     ("class count", ["--set", "num_classes=7"], "num_classes = 7 but", 2),
@@ -192,6 +194,19 @@ def test_disk_too_full_is_refused(small_data, tmp_path, monkeypatch):
     monkeypatch.setattr(sh, "disk_usage", lambda p: usage._replace(free=10 << 20))
     with pytest.raises(UserError, match="MB free on its file system"):
         check_disk(cfg, load_manifest(small_data))
+
+
+def test_compile_on_without_a_compiler_is_one_line(small_data, tmp_path):
+    """performance.compile = "on" where no C++ compiler is on PATH: refused before training, exit 2."""
+    from tests.conftest import env_for_tests
+
+    env = env_for_tests(PATH=str(tmp_path), CXX="no-such-c++")
+    proc = run_python(["-m", "hpcdd.run", "--data", small_data, "--out", str(tmp_path / "run"), "--threads", "1",
+                       "--set", "performance.compile=on"], env=env)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith('error: performance.compile = "on": no C++ compiler found'), lines[0]
+    assert not (tmp_path / "run").exists()
 
 
 def test_help_needs_no_mpi():

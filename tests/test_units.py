@@ -145,3 +145,33 @@ def test_no_two_trainings_share_a_random_stream():
                 assert shifts.setdefault(shift, (seed, order_owner, epoch)) == (seed, order_owner, epoch), (seed, name)
                 counters = rng.mix(*s.step_counters(epoch, 0, 0))
                 assert dropouts.setdefault(counters, (seed, name, epoch)) == (seed, name, epoch), (seed, name)
+
+
+@pytest.mark.parametrize("compile_", ["off", "on"])
+def test_accelerated_cnn_computes_what_the_plain_one_does(compile_):
+    """channels_last (and torch.compile, applied in place): same outputs and gradients to float
+    tolerance, same state_dict keys, so checkpoints and exports do not change. (No dropout here:
+    compiled code draws its dropout masks from its own generator.)"""
+    import torch
+
+    from hpcdd.acceleration import accelerate, compiler_problem
+    from hpcdd.config import ModelConfig, PerformanceConfig
+    from hpcdd.models import build_model
+
+    if compile_ == "on" and compiler_problem("cpu"):
+        pytest.skip(compiler_problem("cpu"))
+    torch.manual_seed(0)
+    spec = ModelConfig(widths=[8, 16], dropout=0.0)
+    plain = build_model(spec, 1, (12, 12), 10, 1.0)
+    fast = build_model(spec, 1, (12, 12), 10, 1.0)
+    fast.load_state_dict(plain.state_dict())
+    fast = accelerate(fast, 2, PerformanceConfig(channels_last="on", compile=compile_), "cpu")
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    x = torch.randn(6, 1, 12, 12)
+    plain.eval(), fast.eval()
+    torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-5)
+    plain.train(), fast.train()
+    plain(x).square().sum().backward()
+    fast(x).square().sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)

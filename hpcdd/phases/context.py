@@ -66,7 +66,8 @@ class RunContext:
         if self.events is None:
             self.events = EventLog(self.layout, self.world.is_root, self.cfg.tensorboard)
         if self.models is None:
-            self.models = Models(self.cfg.model, self.cfg.dnn, self.manifest, self.cfg.seed, self.world.device)
+            self.models = Models(self.cfg.model, self.cfg.dnn, self.manifest, self.cfg.seed, self.world.device,
+                                 self.cfg.performance)
         if self.data is None:
             self.data = DataCache(self.manifest, self.cfg.memory_limit_gb, self.world.device, self.cfg.data_on_device)
 

@@ -1,0 +1,66 @@
+"""How a CNN runs fastest on its device: channels-last memory format and ``torch.compile``, each a switch.
+
+Measured on the 2-core CPU machine (1 thread, batch 128, one training step of our VGG defaults;
+benchmarks/bench_local.py): channels_last made a step 17-22 % faster for the local CNNs and the global
+CNN alike, at no start-up cost, so ``auto`` turns it on for every 2D CNN. ``torch.compile`` made a step
+0-30 % faster but took 20-34 s to compile each model in each process: more than it saves in runs of a
+few thousand steps per model, so on the CPU ``auto`` leaves it off (``on`` asks for it); on a GPU,
+where small models are bound by kernel launches, ``auto`` compiles. Both are applied in place, so
+state_dict keys, checkpoints and exported models do not change.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+
+import torch
+
+CHOICES = ("auto", "on", "off")
+
+
+def wants_channels_last(setting: str, dims: int) -> bool:
+    """channels_last exists for 2D (NCHW) tensors; ``auto`` and ``on`` use it there."""
+    return setting != "off" and dims == 2
+
+
+def compiler_problem(device) -> str | None:
+    """Why ``torch.compile`` cannot work here (None: it can): the C++ compiler inductor needs on the
+    CPU, Triton on a GPU."""
+    if str(device).startswith("cuda"):
+        return None if importlib.util.find_spec("triton") else "Triton is not installed (pip install triton)"
+    cxx = os.environ.get("CXX") or "c++"
+    if shutil.which(cxx) or shutil.which("g++"):
+        return None
+    return f"no C++ compiler found ({cxx!r} or 'g++' on PATH; torch.compile's CPU backend needs one)"
+
+
+def wants_compile(setting: str, device) -> tuple[bool, str]:
+    """(compile?, the reason, for the log)."""
+    if setting == "off":
+        return False, "off (performance.compile = \"off\")"
+    problem = compiler_problem(device)
+    if setting == "on":
+        return problem is None, "on" if problem is None else f"off: {problem}"
+    if str(device).startswith("cuda"):
+        return (problem is None), "on (auto, GPU)" if problem is None else f"off (auto): {problem}"
+    return False, "off (auto on the CPU: compiling each model costs more than it saves in short runs; " \
+                  "performance.compile = \"on\" for long ones)"
+
+
+def _as_channels_last(module, args):
+    x = args[0]
+    if isinstance(x, torch.Tensor) and x.dim() == 4:
+        return (x.contiguous(memory_format=torch.channels_last),) + tuple(args[1:])
+    return None
+
+
+def accelerate(model: torch.nn.Module, dims: int, perf, device) -> torch.nn.Module:
+    """The model in channels-last layout (its inputs converted on entry) and compiled, as ``perf`` says."""
+    if wants_channels_last(perf.channels_last, dims):
+        model.to(memory_format=torch.channels_last)
+        model.register_forward_pre_hook(_as_channels_last)
+    if wants_compile(perf.compile, device)[0]:
+        model.compile()
+    return model
