@@ -122,7 +122,15 @@ def stream_of(seed: int, training: str, subdomain: int | None = None) -> Stream:
 
 
 def seed_torch(*counters: int) -> None:
-    """Seed the global torch generator (dropout) from counters, not from history."""
+    """Seed the global torch generators (dropout) from counters, not from history.
+
+    Called every training step, so it seeds only what is in use: the CPU generator, and the CUDA
+    generators once CUDA is initialised. ``torch.manual_seed`` would also queue a lazy seeding for
+    CUDA, XPU and MTIA, each capturing a Python stack trace: 0.3 ms a step, a fifth of a DNN step.
+    """
     import torch
 
-    torch.manual_seed(mix(*counters))
+    seed = mix(*counters)
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(seed)
