@@ -53,6 +53,23 @@ def fashion_dir() -> str:
     return FASHION
 
 
+def fashion_images(fashion_dir, train: int, test: int = 0):
+    """(x, y, x_test, y_test): the first ``train`` training and ``test`` test images of real Fashion-MNIST."""
+    from data_prep.sources import read_idx
+
+    return tuple(read_idx(f"{fashion_dir}/{split}-{kind}-idx{3 if kind == 'images' else 1}-ubyte.gz")[:n]
+                 for split, n in (("train", train), ("t10k", test)) for kind in ("images", "labels"))
+
+
+def shard_digest(out) -> dict:
+    """sha256 of every .h5 file of a data_prep output, by name: outputs compared byte for byte."""
+    import glob
+    import hashlib
+
+    return {os.path.basename(p): hashlib.sha256(open(p, "rb").read()).hexdigest()
+            for p in sorted(glob.glob(os.path.join(str(out), "*.h5")))}
+
+
 def prepare(fashion_dir, out, grid="2x2", overlap=1, train=2000, test=1000, extra=()):
     from data_prep.cli import run
 

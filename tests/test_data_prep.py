@@ -12,8 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from data_prep.sources import read_idx
-from tests.conftest import mounted_tmpfs, require_ok, run_python
+from tests.conftest import fashion_images, mounted_tmpfs, require_ok, run_python
 
 
 def write_idx(path, array, gz=True):
@@ -26,11 +25,7 @@ def write_idx(path, array, gz=True):
 @pytest.fixture(scope="module")
 def fashion_small(fashion_dir):
     """The first 600 training and 200 test images of real Fashion-MNIST."""
-    x = read_idx(f"{fashion_dir}/train-images-idx3-ubyte.gz")[:600]
-    y = read_idx(f"{fashion_dir}/train-labels-idx1-ubyte.gz")[:600]
-    xt = read_idx(f"{fashion_dir}/t10k-images-idx3-ubyte.gz")[:200]
-    yt = read_idx(f"{fashion_dir}/t10k-labels-idx1-ubyte.gz")[:200]
-    return x, y, xt, yt
+    return fashion_images(fashion_dir, 600, 200)
 
 
 def prep(*args):

@@ -6,7 +6,6 @@ with a one-worker, one-rank conversion of the same input.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -21,17 +20,11 @@ import numpy as np
 import pytest
 
 from data_prep.ranks import launched_tasks
-from data_prep.sources import read_idx
-from tests.conftest import env_for_tests, mpiexec_path, require_ok, run_python
+from tests.conftest import env_for_tests, fashion_images, mpiexec_path, require_ok, run_python, shard_digest
 
 
 def prep(*args, ranks=None, timeout=300):
     return run_python(["-m", "data_prep", *map(str, args), "--quiet"], ranks=ranks, timeout=timeout)
-
-
-def shard_digest(out) -> dict:
-    return {os.path.basename(p): hashlib.sha256(open(p, "rb").read()).hexdigest()
-            for p in sorted(glob.glob(os.path.join(out, "*.h5")))}
 
 
 def manifest_of(out) -> dict:
@@ -43,11 +36,7 @@ def manifest_of(out) -> dict:
 @pytest.fixture(scope="module")
 def real_images(fashion_dir):
     """1,200 real Fashion-MNIST training images, 300 test images, with labels."""
-    x = read_idx(f"{fashion_dir}/train-images-idx3-ubyte.gz")[:1200]
-    y = read_idx(f"{fashion_dir}/train-labels-idx1-ubyte.gz")[:1200]
-    xt = read_idx(f"{fashion_dir}/t10k-images-idx3-ubyte.gz")[:300]
-    yt = read_idx(f"{fashion_dir}/t10k-labels-idx1-ubyte.gz")[:300]
-    return x, y, xt, yt
+    return fashion_images(fashion_dir, 1200, 300)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import ROOT, require_ok, run_python
+from tests.conftest import ROOT, fashion_images, require_ok, run_python, shard_digest
 from tests.slurm_cluster import Cluster, namespaces_missing
 from tests.test_reliability import assert_identical, resumes
 from tests.test_slurm import SMALL, edited, job_env
@@ -198,15 +198,10 @@ def test_different_software_on_one_node(cluster2, small_data, tmp_path):
 def test_data_prep_on_two_nodes_writes_the_same_shards(cluster2, fashion_dir, tmp_path):
     """srun -N 2 -n 2 python -m data_prep: each node decodes its slice of every chunk, rank 0 writes; the
     shards are byte-identical to one process's."""
-    import hashlib
-
     import numpy as np
     from PIL import Image
 
-    from data_prep.sources import read_idx
-
-    x = read_idx(f"{fashion_dir}/train-images-idx3-ubyte.gz")[:600]
-    y = read_idx(f"{fashion_dir}/train-labels-idx1-ubyte.gz")[:600]
+    x, y, _, _ = fashion_images(fashion_dir, 600)
     src = tmp_path / "folder"
     for j, (img, k) in enumerate(zip(x, y)):
         (src / f"c{k}").mkdir(parents=True, exist_ok=True)
@@ -218,8 +213,4 @@ def test_data_prep_on_two_nodes_writes_the_same_shards(cluster2, fashion_dir, tm
                         sys.executable, *[a if a else str(tmp_path / "two") for a in args], "--workers", "2",
                         timeout=300, check=False, env=job_env(cluster2))
     require_ok(proc)
-
-    def digest(out):
-        return {p: hashlib.sha256(open(os.path.join(out, p), "rb").read()).hexdigest()
-                for p in sorted(os.listdir(out)) if p.endswith(".h5")}
-    assert digest(tmp_path / "two") == digest(tmp_path / "one") and len(digest(tmp_path / "one")) == 5
+    assert shard_digest(tmp_path / "two") == shard_digest(tmp_path / "one") and len(shard_digest(tmp_path / "one")) == 5
