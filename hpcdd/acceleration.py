@@ -7,6 +7,12 @@ CNN alike, at no start-up cost, so ``auto`` turns it on for every 2D CNN. ``torc
 few thousand steps per model, so on the CPU ``auto`` leaves it off (``on`` asks for it); on a GPU,
 where small models are bound by kernel launches, ``auto`` compiles. Both are applied in place, so
 state_dict keys, checkpoints and exported models do not change.
+
+Two process-wide switches (``configure``) help the small models most. Subnormal floats: the DNN's
+weights and Adam's second moments drift into the subnormal range in later epochs, and each
+operation on them costs ~100x on x86; the DNN's epochs got 4x slower after epoch 20 (0.10 -> 0.43
+s), flushing them to zero keeps 0.10 s. Fused optimizer kernels (one kernel per parameter instead
+of ~10 operations): an Adam step of a 4x4 local CNN 0.78 -> 0.19 ms, of the DNN 0.19 -> 0.09 ms.
 """
 
 from __future__ import annotations
@@ -47,6 +53,31 @@ def wants_compile(setting: str, device) -> tuple[bool, str]:
         return (problem is None), "on (auto, GPU)" if problem is None else f"off (auto): {problem}"
     return False, "off (auto on the CPU: compiling each model costs more than it saves in short runs; " \
                   "performance.compile = \"on\" for long ones)"
+
+
+_FUSED_OPTIMIZER = True
+
+
+def configure(perf) -> str:
+    """Apply the process-wide switches of ``perf``; returns what they did, for the log."""
+    global _FUSED_OPTIMIZER
+    _FUSED_OPTIMIZER = perf.fused_optimizer != "off"
+    flush = perf.flush_denormal != "off" and torch.set_flush_denormal(True)
+    if not flush:
+        torch.set_flush_denormal(False)
+    return (f"fused optimizer {'on' if _FUSED_OPTIMIZER else 'off'}, subnormals "
+            f"{'flushed' if flush else 'kept (' + ('off' if perf.flush_denormal == 'off' else 'CPU lacks it') + ')'}")
+
+
+def optimizer(cls, params, **kwargs):
+    """``cls(params, **kwargs)`` with torch's fused kernels where this torch and device have them."""
+    params = list(params)
+    if _FUSED_OPTIMIZER:
+        try:
+            return cls(params, fused=True, **kwargs)
+        except (RuntimeError, TypeError, ValueError):
+            pass  # not for this device/dtype, or an older torch: the per-tensor implementation
+    return cls(params, **kwargs)
 
 
 def _as_channels_last(module, args):

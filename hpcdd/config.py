@@ -85,6 +85,9 @@ class PerformanceConfig:
 
     channels_last: str = "auto"  # auto: on for 2D CNNs
     compile: str = "auto"  # auto: on a GPU; on the CPU off (compile time exceeds the gain in short runs)
+    fused_optimizer: str = "auto"  # auto: torch's fused Adam/AdamW/SGD kernels where the device has them
+    flush_denormal: str = "auto"  # auto: on the CPU, subnormal floats are flushed to zero
+    fuse_local: str = "auto"  # auto: on the CPU, narrow local CNNs of one subimage shape on a rank train as one model
 
 
 @dataclass
@@ -260,10 +263,9 @@ def validate(cfg: Config) -> None:
         (cfg.device in ("auto", "cpu", "cuda"), f"device = {cfg.device!r}: expected auto, cpu or cuda"),
         (cfg.threads >= 0, f"threads = {cfg.threads}: expected 0 (automatic) or a positive count"),
         (cfg.memory_limit_gb > 0, f"memory_limit_gb = {cfg.memory_limit_gb}: expected a positive size"),
-        (cfg.performance.channels_last in ("auto", "on", "off"),
-         f"performance.channels_last = {cfg.performance.channels_last!r}: expected \"auto\", \"on\" or \"off\""),
-        (cfg.performance.compile in ("auto", "on", "off"),
-         f"performance.compile = {cfg.performance.compile!r}: expected \"auto\", \"on\" or \"off\""),
+        *((getattr(cfg.performance, k) in ("auto", "on", "off"),
+           f"performance.{k} = {getattr(cfg.performance, k)!r}: expected \"auto\", \"on\" or \"off\"")
+          for k in ("channels_last", "compile", "fused_optimizer", "flush_denormal", "fuse_local")),
         (cfg.num_classes >= 0, f"num_classes = {cfg.num_classes}: expected 0 (from the data) or a class count"),
         (cfg.log_interval >= 0, f"log_interval = {cfg.log_interval}: expected 0 (off) or a number of seconds"),
         (cfg.watchdog_timeout >= 0, f"watchdog_timeout = {cfg.watchdog_timeout}: expected 0 (off) or a number of seconds"),

@@ -280,6 +280,45 @@ class SplitData:
         return crop(x, self.margin, shifts), y
 
 
+class MemberData:
+    """The same split of several subdomains read as one, for a fused model (hpcdd/fused.py): a batch
+    is the members' subimages stacked along channels (B, G*C, ...) and their labels (B, G)."""
+
+    def __init__(self, splits: list):
+        self.splits = splits
+
+    def __len__(self) -> int:
+        return len(self.splits[0])
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.splits[0].ids
+
+    @property
+    def dims(self) -> int:
+        return self.splits[0].dims
+
+    @property
+    def plan(self):
+        return self.splits[0].plan
+
+    @property
+    def y(self):
+        import torch
+
+        return torch.stack([s.y for s in self.splits], 1)
+
+    def schedule(self, order: np.ndarray) -> None:
+        for s in self.splits:
+            s.schedule(order)
+
+    def batch(self, rows: np.ndarray, shifts: np.ndarray | None = None):
+        import torch
+
+        parts = [s.batch(rows, shifts) for s in self.splits]
+        return torch.cat([x for x, _ in parts], 1), torch.stack([y for _, y in parts], 1)
+
+
 class WindowReader:
     """One epoch of a streamed split, read a window at a time (whole blocks, contiguous reads),
     normalised in a background thread one window ahead of training.

@@ -28,12 +28,15 @@ class TrainingDiverged(UserError):
 
 
 def make_optimizer(params, t):
-    """``t``: any config with optimizer, lr, momentum, weight_decay (TrainConfig, DNNConfig)."""
+    """``t``: any config with optimizer, lr, momentum, weight_decay (TrainConfig, DNNConfig); fused
+    kernels unless ``performance.fused_optimizer`` is off (``acceleration.configure``)."""
+    from .acceleration import optimizer
+
     if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.momentum > 0)
-    if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+        return optimizer(torch.optim.SGD, params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                         nesterov=t.momentum > 0)
+    return optimizer(torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam, params, lr=t.lr,
+                     weight_decay=t.weight_decay)
 
 
 def make_scheduler(optimizer, t):
@@ -123,33 +126,52 @@ class Loop:
     workers: object = None  # data-parallel Group whose workers each hold part of a mid-epoch state
     worker_state: Callable[[], dict] | None = None  # what one worker holds alone (e.g. its BatchNorm buffers)
     load_worker_state: Callable[[dict], None] | None = None
+    # > 1: the members of a fused model (hpcdd/fused.py) trained together. Then ``step`` returns per-member
+    # loss and correct counts, ``evaluate`` per-member accuracies, ``weights`` one dict per member; checkpoint,
+    # on_epoch and on_resume are lists (one per member) and ``optimizer_states``/``load_optimizer_states``
+    # convert the fused optimizer's state to and from the members', so each member's checkpoint is the one
+    # it would have written alone; ``train`` takes and returns one TrainState per member.
+    members: int = 1
+    optimizer_states: Callable[[], list] | None = None
+    load_optimizer_states: Callable[[list], None] | None = None
 
 
 def _data_parallel(loop: Loop) -> bool:
     return loop.workers is not None and loop.workers.size > 1
 
 
-def _save(loop: Loop, state: TrainState) -> None:
+def _member(value, m: int, loop: Loop):
+    """Member ``m``'s entry of a per-member field (the field itself when the loop has one member)."""
+    return value[m] if loop.members > 1 else value
+
+
+def _save(loop: Loop, states: list) -> None:
     """With per-rank checkpoints (``agree``) the previous one is kept as ``.prev`` until the next is
     complete, so a rank killed while writing leaves a point that every rank still holds.
 
     Mid-epoch (a preemption) the data-parallel workers differ in their own accumulators and
     BatchNorm statistics: the writer saves every worker's (a collective), so the resumed epoch ends
-    exactly as the uninterrupted one."""
+    exactly as the uninterrupted one. A fused loop writes each member's checkpoint."""
     if not loop.checkpoint:
         return
+    state = states[0]
     workers = None
     if _data_parallel(loop) and state.partial is not None:
         mine = dict(loop.worker_state() if loop.worker_state is not None else {}, partial=state.partial)
         workers = loop.workers.gather_obj(mine)
-    if loop.writer:
-        if loop.agree is not None and os.path.exists(loop.checkpoint):
-            os.replace(loop.checkpoint, loop.checkpoint + ".prev")
-        saved = {"optimizer": loop.optimizer.state_dict(), "scheduler": loop.scheduler.state_dict(),
-                 "rng": rng_state(), "weights": loop.weights(), "state": state.state_dict()}
+    if not loop.writer:
+        return
+    weights = loop.weights()
+    optimizers = loop.optimizer_states() if loop.members > 1 else [loop.optimizer.state_dict()]
+    for m, member in enumerate(states):
+        path = _member(loop.checkpoint, m, loop)
+        if loop.agree is not None and os.path.exists(path):
+            os.replace(path, path + ".prev")
+        saved = {"optimizer": optimizers[m], "scheduler": loop.scheduler.state_dict(),
+                 "rng": rng_state(), "weights": _member(weights, m, loop), "state": member.state_dict()}
         if workers is not None:
             saved["workers"] = workers
-        checkpoint.save(saved, loop.checkpoint)
+        checkpoint.save(saved, path)
 
 
 def _load_worker(loop: Loop, saved: dict, state: TrainState) -> None:
@@ -166,64 +188,93 @@ def _load_worker(loop: Loop, saved: dict, state: TrainState) -> None:
         loop.load_worker_state(mine)
 
 
-def resume(loop: Loop, device) -> TrainState | None:
-    """The training state of ``loop.checkpoint`` loaded into the loop's models and optimizer, if any."""
-    if not loop.checkpoint:
-        return None
-    files = [p for p in (loop.checkpoint, loop.checkpoint + ".prev") if os.path.exists(p)]
+def _held(loop: Loop, path: str, device) -> dict:
+    """(epoch, step) -> checkpoint, for each readable checkpoint at ``path`` (and its ``.prev``)."""
+    files = [p for p in (path, path + ".prev") if os.path.exists(p)]
     if loop.agree is None:
-        files = files[:1] if loop.checkpoint in files else []
+        files = files[:1] if path in files else []
     held = {}
-    for path in files:
+    for f in files:
         try:
-            saved = checkpoint.load(path, map_location=device)
+            saved = checkpoint.load(f, map_location=device)
         except UserError:
             if loop.agree is None:
                 raise
             continue  # a torn per-rank checkpoint is a point this rank does not hold
         held.setdefault((int(saved["state"]["epoch"]), int(saved["state"]["step"])), saved)
-    point = max(held) if loop.agree is None and held else None
+    return held
+
+
+def resume(loop: Loop, device):
+    """The training state of ``loop.checkpoint`` loaded into the loop's models and optimizer, if any
+    (one state per member of a fused loop, whose members must all hold the same point)."""
+    if not loop.checkpoint:
+        return None
+    paths = loop.checkpoint if loop.members > 1 else [loop.checkpoint]
+    helds = [_held(loop, p, device) for p in paths]
     if loop.agree is not None:
-        point = loop.agree(sorted(held))  # collective: the newest point every rank holds, or None
+        point = loop.agree(sorted(helds[0]))  # collective: the newest point every rank holds, or None
+    else:
+        points = {max(h) if h else None for h in helds}
+        if len(points) > 1:
+            raise UserError(f"{loop.name}: the members' checkpoints stand at different points {sorted(map(str, points))}; "
+                            f"train them unfused (performance.fuse_local = \"off\")")
+        point = points.pop()
     if point is None:
         return None
-    saved = held[point]
-    loop.optimizer.load_state_dict(saved["optimizer"])
-    loop.scheduler.load_state_dict(saved["scheduler"])
-    set_rng_state(saved["rng"])
-    loop.load_weights(saved["weights"])
-    state = TrainState()
-    state.load_state_dict(saved["state"])
-    _load_worker(loop, saved, state)
-    if loop.on_resume is not None:
-        loop.on_resume(state)
-    return state
+    saved = [h[point] for h in helds]
+    if loop.members > 1:
+        loop.load_optimizer_states([s["optimizer"] for s in saved])
+        loop.load_weights([s["weights"] for s in saved])
+    else:
+        loop.optimizer.load_state_dict(saved[0]["optimizer"])
+        loop.load_weights(saved[0]["weights"])
+    loop.scheduler.load_state_dict(saved[0]["scheduler"])
+    set_rng_state(saved[0]["rng"])
+    states = []
+    for m, one in enumerate(saved):
+        state = TrainState()
+        state.load_state_dict(one["state"])
+        _load_worker(loop, one, state)
+        if loop.on_resume is not None:
+            _member(loop.on_resume, m, loop)(state)
+        states.append(state)
+    return states if loop.members > 1 else states[0]
 
 
-def train(loop: Loop, state: TrainState, device) -> TrainState:
-    """Run the remaining epochs of ``state``; raise ``Preempted`` after checkpointing on a stop."""
+def train(loop: Loop, state, device):
+    """Run the remaining epochs of ``state`` (a list, one per member, for a fused loop); raise
+    ``Preempted`` after checkpointing on a stop."""
     from .preemption import Preempted
 
-    if state.best is None:
-        state.best = snapshot(loop.weights())
-    for epoch in range(state.epoch, loop.epochs):
+    states = state if loop.members > 1 else [state]
+    shape = (loop.members,) if loop.members > 1 else ()
+    if any(s.best is None for s in states):
+        weights = loop.weights()
+        for m, s in enumerate(states):
+            s.best = snapshot(_member(weights, m, loop)) if s.best is None else s.best
+    for epoch in range(states[0].epoch, loop.epochs):
         loop.set_train(True)
         batches = loop.batches(epoch)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.float64, device=device)
+        loss_sum = torch.zeros(shape, dtype=torch.float64, device=device)
+        correct = torch.zeros(shape, dtype=torch.float64, device=device)
         seen, done_seconds, first = 0, 0.0, 0
-        if state.partial is not None:
-            p = state.partial
-            loss_sum, correct = p["loss_sum"].to(device), p["correct"].to(device)
-            seen, done_seconds, first = int(p["seen"]), float(p["seconds"]), state.step
-            state.partial, state.step = None, 0
+        if states[0].partial is not None:
+            parts = [s.partial for s in states]
+            loss_sum = torch.stack([p["loss_sum"] for p in parts]).reshape(shape).to(device)
+            correct = torch.stack([p["correct"] for p in parts]).reshape(shape).to(device)
+            seen, done_seconds, first = int(parts[0]["seen"]), float(parts[0]["seconds"]), states[0].step
+            for s in states:
+                s.partial, s.step = None, 0
         t0 = time.perf_counter()
         for step in range(first, len(batches)):
             if loop.stop is not None and loop.stop():
-                state.epoch, state.step = epoch, step
-                state.partial = {"loss_sum": loss_sum.cpu(), "correct": correct.cpu(), "seen": seen,
-                                 "seconds": done_seconds + time.perf_counter() - t0}
-                _save(loop, state)
+                flat_loss, flat_correct = loss_sum.cpu().reshape(-1), correct.cpu().reshape(-1)
+                for m, s in enumerate(states):
+                    s.epoch, s.step = epoch, step
+                    s.partial = {"loss_sum": flat_loss[m].reshape(()).clone(), "correct": flat_correct[m].reshape(()).clone(),
+                                 "seen": seen, "seconds": done_seconds + time.perf_counter() - t0}
+                _save(loop, states)
                 raise Preempted()
             step_loss, step_correct, rows = loop.step(epoch, step, batches[step])
             loss_sum += step_loss.detach().double()
@@ -232,7 +283,7 @@ def train(loop: Loop, state: TrainState, device) -> TrainState:
             if loop.on_step is not None:
                 loop.on_step(epoch, step, len(batches), len(batches[step]))
             if (step + 1) % loop.check_every == 0 or step == len(batches) - 1:
-                value = float(loss_sum)
+                value = float(loss_sum.sum())
                 if not math.isfinite(value):
                     raise TrainingDiverged(
                         f"{loop.name}: the training loss became {value} in epoch {epoch + 1}, by step {step + 1}; "
@@ -241,31 +292,41 @@ def train(loop: Loop, state: TrainState, device) -> TrainState:
         if loop.end_epoch is not None:
             loop.end_epoch()
         seconds = done_seconds + time.perf_counter() - t0
-        val = float(loop.evaluate())
-        stats = np.array([float(loss_sum), float(correct), seen], dtype=np.float64)
+        vals = np.asarray(loop.evaluate(), dtype=np.float64).reshape(-1)
+        stats = np.stack([loss_sum.cpu().reshape(-1).numpy(), correct.cpu().reshape(-1).numpy(),
+                          np.full(len(states), seen)], 1).astype(np.float64)  # (members, 3)
         if loop.reduce is not None:
             stats = loop.reduce(stats)
-        event = {"epoch": epoch + 1, "epochs": loop.epochs, "loss": float(stats[0] / max(stats[2], 1)),
-                 "train_acc": float(stats[1] / max(stats[2], 1)), "val_acc": val, "seconds": seconds,
-                 "images_per_s": float(stats[2] / max(seconds, 1e-9)),
-                 "lr": float(loop.optimizer.param_groups[0]["lr"])}
-        if loop.event_extra is not None:
-            event.update(loop.event_extra())
-        state.history.append(event)
-        state.seconds += seconds
-        state.images += int(stats[2])
-        state.epoch = epoch + 1
-        if val > state.best_val:
-            state.best_val, state.best_epoch, state.best = val, epoch + 1, snapshot(loop.weights())
-        _save(loop, state)
+        extra = loop.event_extra() if loop.event_extra is not None else {}
+        weights = None
+        for m, s in enumerate(states):
+            # members trained together: each is charged its share of the time, so a rank's
+            # subdomains add up to its training time as when they train one after another
+            share = seconds / len(states)
+            event = {"epoch": epoch + 1, "epochs": loop.epochs, "loss": float(stats[m, 0] / max(stats[m, 2], 1)),
+                     "train_acc": float(stats[m, 1] / max(stats[m, 2], 1)), "val_acc": float(vals[m]), "seconds": share,
+                     "images_per_s": float(stats[m, 2] / max(share, 1e-9)),
+                     "lr": float(loop.optimizer.param_groups[0]["lr"]), **extra}
+            s.history.append(event)
+            s.seconds += share
+            s.images += int(stats[m, 2])
+            s.epoch = epoch + 1
+            if vals[m] > s.best_val:
+                weights = loop.weights() if weights is None else weights
+                s.best_val, s.best_epoch, s.best = float(vals[m]), epoch + 1, snapshot(_member(weights, m, loop))
+        _save(loop, states)
         if loop.on_epoch is not None:
-            loop.on_epoch(event)
+            for m, s in enumerate(states):
+                _member(loop.on_epoch, m, loop)(s.history[-1])
     return state
 
 
-def run_loop(loop: Loop, device, start: Callable[[], TrainState] | None = None) -> TrainState:
-    """Resume from the loop's checkpoint, or begin at ``start()`` (default: a fresh state)."""
+def run_loop(loop: Loop, device, start: Callable[[], TrainState] | None = None):
+    """Resume from the loop's checkpoint, or begin at ``start()`` (default: a fresh state; one per
+    member of a fused loop)."""
     state = resume(loop, device)
-    if state is None:
+    if state is None and loop.members > 1:
+        state = [TrainState() for _ in range(loop.members)]
+    elif state is None:
         state = start() if start is not None else TrainState()
     return train(loop, state, device)

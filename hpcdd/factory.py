@@ -12,6 +12,7 @@ from . import rng
 from .acceleration import accelerate
 from .aggregators import DNN
 from .data import ShardReader, SplitData, stream_plan
+from .fused import Fused
 from .manifest import Manifest
 from .models import build_model, default_width_scale
 
@@ -29,9 +30,18 @@ class Models:
         self.width_scale = model_cfg.local_width_scale or default_width_scale(manifest.n)
 
     def local(self, i: int) -> torch.nn.Module:
+        return self._fast(self.plain_local(i))
+
+    def plain_local(self, i: int) -> torch.nn.Module:
+        """Local CNN ``i`` as built, on the CPU, without channels_last or compilation."""
         m = self.manifest
         torch.manual_seed(rng.mix(self.seed, rng.TAG_INIT, i))
-        return self._fast(build_model(self.spec, m.channels, m.subimage_shape(i), m.k, self.width_scale))
+        return build_model(self.spec, m.channels, m.subimage_shape(i), m.k, self.width_scale)
+
+    def fused(self, subdomains: list, streams: list) -> Fused:
+        """The local CNNs of ``subdomains`` (one subimage shape) as one grouped model, each member
+        initialised as ``local(i)`` is."""
+        return self._fast(Fused([self.plain_local(i) for i in subdomains], streams, self.device))
 
     def global_(self) -> torch.nn.Module:
         m = self.manifest

@@ -21,7 +21,7 @@ from .config import Config
 from .data import ShardReader
 from .events import decomposition_picture
 from .errors import UserError
-from .acceleration import compiler_problem, wants_channels_last, wants_compile
+from .acceleration import compiler_problem, configure, wants_channels_last, wants_compile
 from .factory import Models
 from .layout import RunLayout
 from .manifest import SPLITS, Manifest, load_manifest
@@ -265,8 +265,9 @@ def prepare(cfg: Config, world: World, resume: bool = False, force: bool = False
             + (f", {own.replicas} replicas per subdomain" if own.replicas > 1 else
                f", up to {max(len(s) for s in own.table)} subdomain(s) per rank"))
     perf = cfg.performance
+    process = configure(perf)  # every rank
     ctx.log(f"CNNs: channels_last {'on' if wants_channels_last(perf.channels_last, manifest.dims) else 'off'}, "
-            f"torch.compile {wants_compile(perf.compile, world.device)[1]}")
+            f"torch.compile {wants_compile(perf.compile, world.device)[1]}; {process}")
     return ctx
 
 

@@ -38,13 +38,15 @@ def logits_of(model, data, device, batch_size: int, rows: np.ndarray | None = No
     return np.zeros((0, [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features), np.float32)
 
 
-def accuracy_of(model, data, device, batch_size: int, group: Group = Group()) -> float:
-    """Accuracy on a split; each worker of ``group`` scores a slice and the counts are summed."""
+def accuracy_of(model, data, device, batch_size: int, group: Group = Group()):
+    """Accuracy on a split; each worker of ``group`` scores a slice and the counts are summed. A fused
+    model (outputs (n, G, K), labels (n, G)) gets one accuracy per member."""
     rows = np.arange(len(data))[slice_rows(len(data), group.size, group.rank)]
     logits = logits_of(model, data, device, batch_size, rows)
-    correct = np.array([(logits.argmax(1) == data.y.numpy()[rows]).sum(), len(rows)], dtype=np.float64)
-    correct = group.sum(correct)
-    return float(correct[0] / max(correct[1], 1))
+    hits = (logits.argmax(-1) == data.y.numpy()[rows]).sum(0)
+    counts = group.sum(np.append(np.asarray(hits, dtype=np.float64), len(rows)))
+    accuracy = counts[:-1] / max(counts[-1], 1)
+    return accuracy if getattr(model, "members", 1) > 1 else float(accuracy[0])
 
 
 def buffers_of(model) -> list:
@@ -56,12 +58,15 @@ def train_step(model, opt, params, x, y, batch: int, group: Group = Group()):
 
     The loss is the sum over this worker's rows divided by the whole minibatch, so summing the
     gradients over the data-parallel workers (one Allreduce) gives the minibatch gradient.
-    Returns (summed loss of these rows, outputs).
+    Returns (summed loss of these rows (one per member of a fused model), outputs).
     """
     out = model(x)
-    total = F.cross_entropy(out, y, reduction="sum")
+    if out.dim() == 3:  # a fused model: (B, G, K) outputs, (B, G) labels, one summed loss per member
+        total = F.cross_entropy(out.transpose(1, 2), y, reduction="none").sum(0)
+    else:
+        total = F.cross_entropy(out, y, reduction="sum")
     opt.zero_grad(set_to_none=True)
-    (total / batch).backward()
+    (total.sum() / batch).backward()
     group.sum_grads_(params)
     opt.step()
     return total, out
@@ -75,21 +80,26 @@ class Fit:
     train: object  # SplitData or TensorData
     val: object
     t: object  # TrainConfig or DNNConfig
-    stream: Stream
+    stream: Stream  # a fused model's members share its minibatch order; their dropout streams are the model's
     device: object
     eval_batch: int = 512
     group: Group = Group()  # data-parallel workers (size 1: no communication)
-    checkpoint: str | None = None
+    checkpoint: str | list | None = None  # one per member of a fused model
     writer: bool = True  # this worker writes the checkpoint
-    on_epoch: object = None  # callback(event dict)
-    on_resume: object = None  # callback(TrainState)
+    on_epoch: object = None  # callback(event dict); one per member of a fused model
+    on_resume: object = None  # callback(TrainState); one per member of a fused model
     on_step: object = None  # callback(epoch, step, steps, rows): progress
     stop: object = None  # callable -> bool, polled at every step boundary (preemption)
 
 
-def fit(model, spec: Fit) -> TrainState:
-    """Train, validate every epoch, keep the best weights (``state.best["model"]``); resumable."""
+def fit(model, spec: Fit):
+    """Train, validate every epoch, keep the best weights (``state.best["model"]``); resumable.
+
+    ``model`` may be a ``fused.Fused`` (several local CNNs as one, ``spec.train``/``spec.val`` a
+    ``MemberData``): then every member is validated, selected and checkpointed on its own and one
+    TrainState per member comes back."""
     t, device, group = spec.t, spec.device, spec.group
+    members = getattr(model, "members", 1)
     params = list(model.parameters())
     opt = make_optimizer(params, t)
     epoch_shifts = {}
@@ -105,22 +115,29 @@ def fit(model, spec: Fit) -> TrainState:
 
     def step(epoch, step, rows):
         mine = rows[slice_rows(len(rows), group.size, group.rank)]
-        seed_torch(*spec.stream.step_counters(epoch, step, group.rank))
+        if members > 1:
+            model.seed_step(epoch, step, group.rank)
+        else:
+            seed_torch(*spec.stream.step_counters(epoch, step, group.rank))
         shifts = epoch_shifts[epoch]
         x, y = spec.train.batch(mine, None if shifts is None else shifts[mine])
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         total, out = train_step(model, opt, params, x, y, len(rows), group)
-        return total, (out.detach().argmax(1) == y).sum(), len(mine)
+        return total, (out.detach().argmax(-1) == y).sum(0), len(mine)
 
     loop = Loop(
         name=spec.name, epochs=t.epochs, batches=batches, step=step,
         evaluate=lambda: accuracy_of(model, spec.val, device, spec.eval_batch, group),
-        weights=lambda: {"model": model.state_dict()}, load_weights=lambda w: model.load_state_dict(w["model"]),
+        weights=lambda: [{"model": w} for w in model.member_state_dicts()] if members > 1 else {"model": model.state_dict()},
+        load_weights=(lambda w: model.load_member_state_dicts([m["model"] for m in w])) if members > 1
+        else lambda w: model.load_state_dict(w["model"]),
         optimizer=opt, scheduler=make_scheduler(opt, t), set_train=model.train, checkpoint=spec.checkpoint,
         writer=spec.writer, reduce=group.sum if group.size > 1 else None,
         end_epoch=(lambda: group.mean_(buffers_of(model))) if group.size > 1 else None,
         stop=spec.stop, on_epoch=spec.on_epoch, on_resume=spec.on_resume, on_step=spec.on_step,
         check_every=1 if str(device) == "cpu" else 25, workers=group,
         worker_state=lambda: {"buffers": [b.detach().cpu().clone() for b in buffers_of(model)]},
-        load_worker_state=lambda mine: [b.copy_(v) for b, v in zip(buffers_of(model), mine["buffers"])])
+        load_worker_state=lambda mine: [b.copy_(v) for b, v in zip(buffers_of(model), mine["buffers"])],
+        members=members, optimizer_states=(lambda: model.member_optimizer_states(opt.state_dict())) if members > 1 else None,
+        load_optimizer_states=(lambda states: model.load_member_optimizer_states(opt, states)) if members > 1 else None)
     return run_loop(loop, device)
