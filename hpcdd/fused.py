@@ -87,8 +87,8 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 class Fused(nn.Module):
-    """G models of one architecture and input shape as one: input (B, G*C, *spatial) (``stack``),
-    output (B, G, K). ``streams`` (one ``rng.Stream`` per member) seed the members' dropout per step."""
+    """G models of one architecture and input shape as one: input (B, G*C, *spatial) (the members'
+    inputs along channels, ``data.MemberData``), output (B, G, K). ``streams`` (one ``rng.Stream`` per member) seed the members' dropout per step."""
 
     def __init__(self, models: list, streams: list, device="cpu"):
         super().__init__()
@@ -133,11 +133,6 @@ class Fused(nn.Module):
 
     def forward(self, x):
         return self.net(x)
-
-    @staticmethod
-    def stack(xs: list) -> torch.Tensor:
-        """The members' inputs (B, C, *spatial) each -> the fused input (B, G*C, *spatial)."""
-        return torch.cat(xs, 1)
 
     def seed_step(self, epoch: int, step: int, *more: int) -> None:
         """Seed every member's dropout as ``seed_torch(*stream.step_counters(...))`` seeds it unfused."""

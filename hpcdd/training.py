@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .collectives import Group
-from .engine import Loop, TrainState, make_optimizer, make_scheduler, run_loop
+from .engine import Loop, make_optimizer, make_scheduler, run_loop
 from .ownership import slice_rows
 from .rng import Stream, seed_torch
 from .watchdog import alive

@@ -3,7 +3,6 @@ train what the same CNNs compute and train one after another."""
 
 import os
 
-import numpy as np
 import pytest
 import torch
 
