@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .acceleration import autocast, full_precision
 from .collectives import allgather_rows
 from .ownership import slice_rows
 from .rng import TAG_COHERENT, TAG_DNN, seed_torch
@@ -113,7 +114,8 @@ class DistributedCoherent:
         outs = []
         for i in sorted(self.local_models):
             seed_torch(*counters, TAG_COHERENT, i)
-            outs.append(dnn_view(self.local_models[i](xs[i]), self.dnn_input))
+            with autocast(device):
+                outs.append(dnn_view(full_precision(self.local_models[i](xs[i])), self.dnn_input))
         local = torch.stack(outs) if outs else torch.zeros((0, mine.stop - mine.start, 0), device=device)
         k = local.shape[-1]
         full = self.gather_outputs(local.detach().float().cpu().numpy(), batch, k)

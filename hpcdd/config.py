@@ -87,6 +87,7 @@ class PerformanceConfig:
     compile: str = "auto"  # auto: on a GPU; on the CPU off (compile time exceeds the gain in short runs)
     fused_optimizer: str = "auto"  # auto: torch's fused Adam/AdamW/SGD kernels where the device has them
     flush_denormal: str = "auto"  # auto: on the CPU, subnormal floats are flushed to zero
+    autocast: str = "off"  # "bf16": the CNNs' forward in bfloat16 mixed precision (GPUs with bf16; slow on most CPUs)
     fuse_local: str = "auto"  # auto: on the CPU, narrow local CNNs of one subimage shape on a rank train as one model
 
 
@@ -266,6 +267,8 @@ def validate(cfg: Config) -> None:
         *((getattr(cfg.performance, k) in ("auto", "on", "off"),
            f"performance.{k} = {getattr(cfg.performance, k)!r}: expected \"auto\", \"on\" or \"off\"")
           for k in ("channels_last", "compile", "fused_optimizer", "flush_denormal", "fuse_local")),
+        (cfg.performance.autocast in ("off", "bf16"),
+         f"performance.autocast = {cfg.performance.autocast!r}: expected \"off\" or \"bf16\""),
         (cfg.num_classes >= 0, f"num_classes = {cfg.num_classes}: expected 0 (from the data) or a class count"),
         (cfg.log_interval >= 0, f"log_interval = {cfg.log_interval}: expected 0 (off) or a number of seconds"),
         (cfg.watchdog_timeout >= 0, f"watchdog_timeout = {cfg.watchdog_timeout}: expected 0 (off) or a number of seconds"),

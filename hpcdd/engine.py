@@ -253,7 +253,8 @@ def train(loop: Loop, state, device):
         weights = loop.weights()
         for m, s in enumerate(states):
             s.best = snapshot(_member(weights, m, loop)) if s.best is None else s.best
-    for epoch in range(states[0].epoch, loop.epochs):
+    start = states[0].epoch
+    for epoch in range(start, loop.epochs):
         loop.set_train(True)
         batches = loop.batches(epoch)
         loss_sum = torch.zeros(shape, dtype=torch.float64, device=device)
@@ -276,7 +277,12 @@ def train(loop: Loop, state, device):
                                  "seen": seen, "seconds": done_seconds + time.perf_counter() - t0}
                 _save(loop, states)
                 raise Preempted()
+            t_step = time.perf_counter() if step == first else None
             step_loss, step_correct, rows = loop.step(epoch, step, batches[step])
+            if t_step is not None and epoch == start:
+                # the first step of each start: torch.compile compiles in it (reported per training)
+                for s in states:
+                    s.extra.setdefault("first_step_seconds", []).append(time.perf_counter() - t_step)
             loss_sum += step_loss.detach().double()
             correct += step_correct.detach().double()
             seen += rows

@@ -38,6 +38,10 @@ class GroupedLinear(nn.Module):
         self.bias = nn.Parameter(torch.stack([layer.bias.detach() for layer in layers])) \
             if layers[0].bias is not None else None
 
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[1]
+
     def forward(self, x):
         out = torch.bmm(x.transpose(0, 1), self.weight.transpose(1, 2))
         if self.bias is not None:

@@ -21,7 +21,7 @@ from .config import Config
 from .data import ShardReader
 from .events import decomposition_picture
 from .errors import UserError
-from .acceleration import compiler_problem, configure, wants_channels_last, wants_compile
+from .acceleration import autocast_problem, compiler_problem, configure, wants_channels_last, wants_compile
 from .factory import Models
 from .layout import RunLayout
 from .manifest import SPLITS, Manifest, load_manifest
@@ -55,6 +55,8 @@ def _validate_data(cfg: Config, world: World) -> Manifest:
         if t.augment_shift > manifest.margin:
             raise UserError(f"{name}.augment_shift = {t.augment_shift} needs shards stored with --margin "
                             f">= {t.augment_shift}, but {cfg.data} has margin {manifest.margin}")
+    if cfg.performance.autocast == "bf16" and autocast_problem(world.device):
+        raise UserError(f"performance.autocast = \"bf16\": {autocast_problem(world.device)}; set it to \"off\"")
     if cfg.performance.compile == "on":
         problem = compiler_problem(world.device)
         if problem:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .acceleration import autocast, full_precision
 from .collectives import Group
 from .engine import Loop, make_optimizer, make_scheduler, run_loop
 from .ownership import slice_rows
@@ -23,7 +24,8 @@ from .watchdog import alive
 
 @torch.no_grad()
 def logits_of(model, data, device, batch_size: int, rows: np.ndarray | None = None) -> np.ndarray:
-    """(n, K) logits of ``model`` in eval mode over ``rows`` (default: all) of a split."""
+    """(n, K) logits of ``model`` in eval mode over ``rows`` (default: all) of a split; (n, G, K) for
+    a fused model."""
     rows = np.arange(len(data)) if rows is None else rows
     was = model.training
     model.eval()
@@ -31,11 +33,14 @@ def logits_of(model, data, device, batch_size: int, rows: np.ndarray | None = No
     for a in range(0, len(rows), batch_size):
         alive()
         x, _ = data.batch(rows[a:a + batch_size])
-        out.append(model(x.to(device, non_blocking=True)).float().cpu())
+        with autocast(device):
+            out.append(model(x.to(device, non_blocking=True)).float().cpu())
     model.train(was)
     if out:
         return torch.cat(out).numpy()
-    return np.zeros((0, [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].out_features), np.float32)
+    k = [m for m in model.modules() if hasattr(m, "out_features")][-1].out_features
+    members = getattr(model, "members", 1)
+    return np.zeros((0, members, k) if members > 1 else (0, k), np.float32)
 
 
 def accuracy_of(model, data, device, batch_size: int, group: Group = Group()):
@@ -60,7 +65,9 @@ def train_step(model, opt, params, x, y, batch: int, group: Group = Group()):
     gradients over the data-parallel workers (one Allreduce) gives the minibatch gradient.
     Returns (summed loss of these rows (one per member of a fused model), outputs).
     """
-    out = model(x)
+    with autocast(x.device):
+        out = model(x)
+    out = full_precision(out)
     if out.dim() == 3:  # a fused model: (B, G, K) outputs, (B, G) labels, one summed loss per member
         total = F.cross_entropy(out.transpose(1, 2), y, reduction="none").sum(0)
     else:

@@ -49,6 +49,11 @@ def test_fused_model_computes_each_members_outputs_and_gradients(family, shape):
         assert grads[i].keys() == m.state_dict().keys()
         for key, value in m.state_dict().items():
             torch.testing.assert_close(grads[i][key], value)  # BatchNorm running stats updated alike
+    fused.eval()  # prediction (the aggregate phase runs fused local CNNs fused): running statistics
+    with torch.no_grad():
+        out = fused(torch.cat(x, 1))
+        for i, (m, xi) in enumerate(zip(models, x)):
+            torch.testing.assert_close(out[:, i], m.eval()(xi), rtol=1e-4, atol=1e-5)
     fused_grads = {n: p.grad for n, p in fused.net.named_parameters()}
     for name, _ in models[0].named_parameters():
         parts = fused._split(name, fused_grads[name])
@@ -168,3 +173,26 @@ def test_fused_training_stopped_mid_epoch_resumes_fused_or_alone(grid_data, tmp_
             assert got.best_epoch == want.best_epoch and got.images == want.images
             for key, value in want.best["model"].items():
                 near(got.best["model"][key], value)
+
+
+def test_bf16_autocast_trains_in_bfloat16_and_learns(grid_data):
+    """performance.autocast = "bf16" (the GPU option, run here on the CPU): the CNN's convolutions
+    compute in bfloat16, the loss in float32, and a local CNN still learns (chance: 0.1)."""
+    from hpcdd.acceleration import configure
+    from hpcdd.config import PerformanceConfig
+
+    m = grid_data
+    seen = []
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(widths=[8, 16], hidden=32), 1, m.subimage_shape(5), m.k, 1.0)
+    model.features[0].register_forward_hook(lambda _, __, out: seen.append(out.dtype))
+    try:
+        configure(PerformanceConfig(autocast="bf16"))
+        state = fit(model, Fit(name="local 5", train=SplitData.load(ShardReader(m, 5), "train"),
+                               val=SplitData.load(ShardReader(m, 5), "val"), t=TrainConfig(epochs=4, batch_size=32),
+                               stream=stream_of(0, "local", 5), device="cpu"))
+    finally:
+        configure(PerformanceConfig())
+    assert set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert state.best_val > 0.3, state.history

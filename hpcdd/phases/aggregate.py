@@ -15,7 +15,7 @@ from .. import checkpoint
 from ..aggregators import accuracy, average, vote
 from ..coherent import dnn_view
 from ..collectives import bcast_array, gather_rows
-from ..data import TensorData
+from ..data import MemberData, TensorData
 from ..manifest import SPLITS
 from ..models import count_parameters
 from ..rng import stream_of
@@ -43,6 +43,36 @@ def load_local_models(ctx, path_of) -> dict:
         model.load_state_dict(checkpoint.load(path_of(i))["model"])
         models[i] = model
     return models
+
+
+def fused_local_models(ctx) -> dict:
+    """This rank's trained local CNNs for inference, keyed by the tuple of subdomains each computes:
+    those that fuse (``performance.fuse_local``) as one fused model, the others alone."""
+    from .local import fused_groups
+
+    layout, models = ctx.layout, {}
+    for group in fused_groups(ctx, ctx.world.own.subdomains):
+        weights = [checkpoint.load(layout.local_model(i))["model"] for i in group]
+        if len(group) == 1:
+            model = ctx.models.local(group[0])
+            model.load_state_dict(weights[0])
+        else:
+            model = ctx.models.fused(group, [stream_of(ctx.cfg.seed, "local", i) for i in group])
+            model.load_member_state_dicts(weights)
+        models[tuple(group)] = model
+    return models
+
+
+def local_logits(ctx, models: dict, split: str) -> np.ndarray:
+    """(owned subdomains, n, K) logits of this rank's local CNNs (``fused_local_models``) on a split."""
+    out = {}
+    for group, model in models.items():
+        if len(group) == 1:
+            out[group[0]] = logits_of(model, ctx.data(group[0], split), ctx.device, ctx.cfg.eval_batch_size)
+            continue
+        both = logits_of(model, MemberData([ctx.data(i, split) for i in group]), ctx.device, ctx.cfg.eval_batch_size)
+        out.update({i: both[:, g] for g, i in enumerate(group)})
+    return np.stack([out[i] for i in ctx.world.own.subdomains])
 
 
 def labels_of(ctx, split: str) -> torch.Tensor:
@@ -93,7 +123,7 @@ def run(ctx) -> None:
     t0 = time.perf_counter()
     layout, m = ctx.layout, ctx.manifest
     os.makedirs(layout.phase_dir("aggregate"), exist_ok=True)
-    models = load_local_models(ctx, layout.local_model)
+    models = fused_local_models(ctx)
     logits, seconds = {}, {"inference": {}, "gather": {}}
     for split in SPLITS:
         t1 = time.perf_counter()
@@ -101,8 +131,7 @@ def run(ctx) -> None:
 
         def infer():
             t = time.perf_counter()
-            out = np.stack([logits_of(models[i], ctx.data(i, split), ctx.device, ctx.cfg.eval_batch_size)
-                            for i in ctx.world.own.subdomains])
+            out = local_logits(ctx, models, split)
             timer["inference"] = time.perf_counter() - t
             return out
         logits[split] = gather_at_root(ctx, split, infer)

@@ -35,9 +35,12 @@ def run(ctx) -> None:
         checkpoint.write_json({"val": state.best_val, "test": test, "best_epoch": state.best_epoch,
                                "parameters": count_parameters(model), "train_seconds": state.seconds,
                                "wall_seconds": time.perf_counter() - t0, "epochs": ctx.cfg.global_.epochs,
-                               "resumes": state.extra.get("resumes", []), "history": state.history},
+                               "resumes": state.extra.get("resumes", []), "history": state.history,
+                               "first_step_seconds": state.extra.get("first_step_seconds", [])},
                               layout.result("global"))
-        ctx.log(f"[global] best val {state.best_val:.4f} (epoch {state.best_epoch}), test {test:.4f}")
+        first = state.extra.get("first_step_seconds", [0.0])[-1]
+        ctx.log(f"[global] best val {state.best_val:.4f} (epoch {state.best_epoch}), test {test:.4f}; "
+                f"first step {first:.2f} s (with torch.compile: compiling)")
     ctx.sync()
     if world.is_root and os.path.exists(layout.global_checkpoint):
         os.unlink(layout.global_checkpoint)

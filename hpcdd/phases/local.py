@@ -48,16 +48,22 @@ def _point(path: str):
         return path  # trained alone, where resuming reports the problem
 
 
-def training_groups(ctx, subdomains: list) -> list:
-    """The subdomains to train, as groups trained together: same subimage shape, same checkpoint point."""
+def fused_groups(ctx, subdomains: list, key=lambda i: None) -> list:
+    """``subdomains`` as groups that run as one fused model (same subimage shape and ``key``), or
+    one by one where ``performance.fuse_local`` says not to fuse."""
     own, m = ctx.world.own, ctx.manifest
     if len(subdomains) < 2 or not fuses(ctx.cfg.performance.fuse_local, ctx.device, own.replicas,
                                         ctx.models.plain_local(subdomains[0])):
         return [[i] for i in subdomains]
     groups: dict = {}
     for i in subdomains:
-        groups.setdefault((m.subimage_shape(i), _point(ctx.layout.local_checkpoint(i))), []).append(i)
+        groups.setdefault((m.subimage_shape(i), key(i)), []).append(i)
     return sorted(groups.values())
+
+
+def training_groups(ctx, subdomains: list) -> list:
+    """The subdomains to train, as groups trained together: same subimage shape, same checkpoint point."""
+    return fused_groups(ctx, subdomains, lambda i: _point(ctx.layout.local_checkpoint(i)))
 
 
 def train_group(ctx, group: list, left: int) -> list:
@@ -92,7 +98,8 @@ def train_group(ctx, group: list, left: int) -> list:
         summary = {"subdomain": i, "best_val": state.best_val, "best_epoch": state.best_epoch,
                    "train_seconds": state.seconds, "images": state.images,
                    "parameters": count_parameters(model) // len(group), "history": state.history,
-                   "resumes": state.extra.get("resumes", [])}
+                   "resumes": state.extra.get("resumes", []),
+                   "first_step_seconds": state.extra.get("first_step_seconds", [])}
         if not alone:
             summary["fused_with"] = group
         if own.replica == 0:
@@ -127,6 +134,10 @@ def run(ctx) -> None:
             for e in s["history"]:
                 ctx.event(phase="local", subdomain=s["subdomain"], **e)
         walls = [w for _, w in everything]
+        firsts = [f for s in subs for f in s.get("first_step_seconds", [])]
+        if firsts:
+            ctx.log(f"[local] first training steps {min(firsts):.2f}-{max(firsts):.2f} s "
+                    f"(with torch.compile: compiling)")
         checkpoint.write_json({"subdomains": [{k: v for k, v in s.items() if k != "history"} for s in subs],
                                "wall_seconds": max(walls), "rank_seconds": walls}, layout.result("local"))
     ctx.mark_done("local")
