@@ -146,8 +146,9 @@ def _member(value, m: int, loop: Loop):
 
 
 def _save(loop: Loop, states: list) -> None:
-    """With per-rank checkpoints (``agree``) the previous one is kept as ``.prev`` until the next is
-    complete, so a rank killed while writing leaves a point that every rank still holds.
+    """With per-rank checkpoints (``agree``) and per-member ones (a fused loop) the previous one is kept
+    as ``.prev`` until the next is complete, so a rank killed while writing leaves a point that every
+    rank, and every member, still holds.
 
     Mid-epoch (a preemption) the data-parallel workers differ in their own accumulators and
     BatchNorm statistics: the writer saves every worker's (a collective), so the resumed epoch ends
@@ -165,7 +166,7 @@ def _save(loop: Loop, states: list) -> None:
     optimizers = loop.optimizer_states() if loop.members > 1 else [loop.optimizer.state_dict()]
     for m, member in enumerate(states):
         path = _member(loop.checkpoint, m, loop)
-        if loop.agree is not None and os.path.exists(path):
+        if (loop.agree is not None or loop.members > 1) and os.path.exists(path):
             os.replace(path, path + ".prev")
         saved = {"optimizer": optimizers[m], "scheduler": loop.scheduler.state_dict(),
                  "rng": rng_state(), "weights": _member(weights, m, loop), "state": member.state_dict()}
@@ -191,14 +192,15 @@ def _load_worker(loop: Loop, saved: dict, state: TrainState) -> None:
 def _held(loop: Loop, path: str, device) -> dict:
     """(epoch, step) -> checkpoint, for each readable checkpoint at ``path`` (and its ``.prev``)."""
     files = [p for p in (path, path + ".prev") if os.path.exists(p)]
-    if loop.agree is None:
+    alone = loop.agree is None and loop.members == 1
+    if alone:
         files = files[:1] if path in files else []
     held = {}
     for f in files:
         try:
             saved = checkpoint.load(f, map_location=device)
         except UserError:
-            if loop.agree is None:
+            if alone:
                 raise
             continue  # a torn per-rank checkpoint is a point this rank does not hold
         held.setdefault((int(saved["state"]["epoch"]), int(saved["state"]["step"])), saved)
@@ -214,12 +216,9 @@ def resume(loop: Loop, device):
     helds = [_held(loop, p, device) for p in paths]
     if loop.agree is not None:
         point = loop.agree(sorted(helds[0]))  # collective: the newest point every rank holds, or None
-    else:
-        points = {max(h) if h else None for h in helds}
-        if len(points) > 1:
-            raise UserError(f"{loop.name}: the members' checkpoints stand at different points {sorted(map(str, points))}; "
-                            f"train them unfused (performance.fuse_local = \"off\")")
-        point = points.pop()
+    else:  # the newest point every member holds (a stop between two members' writes leaves the older one)
+        common = set.intersection(*(set(h) for h in helds))
+        point = max(common) if common else None
     if point is None:
         return None
     saved = [h[point] for h in helds]
@@ -254,6 +253,10 @@ def train(loop: Loop, state, device):
         for m, s in enumerate(states):
             s.best = snapshot(_member(weights, m, loop)) if s.best is None else s.best
     start = states[0].epoch
+    if loop.members > 1 and start == 0 and states[0].step == 0 and states[0].partial is None:
+        # every member holds the starting point, so a kill between two members' first writes leaves a
+        # point all of them hold (the start) and the group resumes fused, as it would have run
+        _save(loop, states)
     for epoch in range(start, loop.epochs):
         loop.set_train(True)
         batches = loop.batches(epoch)

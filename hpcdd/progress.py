@@ -123,7 +123,7 @@ class Progress:
         c["done_steps"] += 1
         if c["done_steps"] == 1:
             c["first_step_seconds"] = c["seconds"]  # includes warm-up: left out of the rate
-        if now - self.last_write >= self.write_every and not self.world.is_root:
+        if (c["done_steps"] == 1 or now - self.last_write >= self.write_every) and not self.world.is_root:
             self._write()
         if self.world.is_root:
             self._show(now)

@@ -255,6 +255,10 @@ def prepare(cfg: Config, world: World, resume: bool = False, force: bool = False
 
     ctx = RunContext(cfg, world, layout, manifest, state, stop=StopFlag(world, parse_signals(cfg.preemption.signals)))
     ctx.watchdog = Watchdog(layout, world, cfg.watchdog_timeout, procs).start()
+    # Building the first optimizer (and counting FLOPs) imports torch._dynamo: 1.4 s. Every rank pays it
+    # here, while rank 0 makes the plan, not rank 0 here and the others after the next collective.
+    import torch._dynamo  # noqa: F401
+
     plan = make_plan(cfg, manifest, ctx.models, world.own.table, world.size) if world.is_root else None
     ctx.progress = Progress(layout, world, cfg.phases, plan, cfg.log_interval)
     if world.is_root and manifest.full:

@@ -130,8 +130,9 @@ def test_fused_training_matches_training_one_after_another(grid_data, tmp_path, 
 
 
 def test_fused_training_stopped_mid_epoch_resumes_fused_or_alone(grid_data, tmp_path):
-    """A stop mid-epoch leaves each member's checkpoint; resuming them fused, or one of them alone,
-    ends where the uninterrupted fused training ends."""
+    """A stop mid-epoch leaves each member's checkpoint; resuming them fused, or each alone, or fused
+    after a kill between the two members' writes (the second member holds only the previous point,
+    so both resume from it), ends where the uninterrupted fused training ends."""
     from hpcdd.preemption import Preempted
 
     m = grid_data
@@ -151,13 +152,16 @@ def test_fused_training_stopped_mid_epoch_resumes_fused_or_alone(grid_data, tmp_
             parts = [SplitData.load(ShardReader(m, i), split) for i in members]
             return parts[0] if len(members) == 1 else MemberData(parts)
         paths = [str(tmp_path / name / f"sub_{i}.ckpt.pt") for i in members]
+        hooks = [lambda state: resumed_at.append((state.epoch, state.step))] * len(members)
         return fit(model, Fit(name=name, train=data("train"), val=data("val"), t=t,
                               stream=streams[subs.index(members[0])], device="cpu", stop=stop,
-                              checkpoint=paths[0] if len(members) == 1 else paths))
+                              checkpoint=paths[0] if len(members) == 1 else paths,
+                              on_resume=hooks[0] if len(members) == 1 else hooks))
 
+    resumed_at = []
     (tmp_path / "whole").mkdir()
     whole = train("whole")
-    for resumed in ("fused", "alone"):
+    for resumed in ("fused", "alone", "torn"):
         (tmp_path / resumed).mkdir()
         calls = iter(range(1000))
         with pytest.raises(Preempted):
@@ -165,10 +169,14 @@ def test_fused_training_stopped_mid_epoch_resumes_fused_or_alone(grid_data, tmp_
         for i in subs:
             saved = torch.load(tmp_path / resumed / f"sub_{i}.ckpt.pt", weights_only=True)
             assert (saved["state"]["epoch"], saved["state"]["step"]) == (1, 4)
-        if resumed == "fused":
+        if resumed == "torn":
+            os.unlink(tmp_path / resumed / f"sub_{subs[1]}.ckpt.pt")  # its .prev, the end of epoch 1, stays
+        resumed_at.clear()
+        if resumed in ("fused", "torn"):
             states = train(resumed)
         else:
             states = [train(resumed, members=[i]) for i in subs]
+        assert resumed_at == [(1, 0) if resumed == "torn" else (1, 4)] * 2, resumed
         for got, want in zip(states, whole):
             assert got.best_epoch == want.best_epoch and got.images == want.images
             for key, value in want.best["model"].items():

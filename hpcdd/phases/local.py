@@ -37,33 +37,46 @@ def fuses(setting: str, device, replicas: int, model) -> bool:
     return setting == "on" or (str(device) == "cpu" and widest <= FUSE_MAX_WIDTH)
 
 
-def _point(path: str):
-    """(epoch, step) of a local checkpoint; None without one. Members fuse only at the same point."""
-    if not os.path.exists(path):
-        return None
-    try:
-        state = checkpoint.load(path)["state"]
-        return int(state["epoch"]), int(state["step"])
-    except (UserError, KeyError):
-        return path  # trained alone, where resuming reports the problem
+def _points(path: str) -> set:
+    """The (epoch, step) points a local checkpoint and its ``.prev`` (kept by fused trainings) hold;
+    without either, the start (0, 0), where a fused training writes its first checkpoints."""
+    if not os.path.exists(path) and not os.path.exists(path + ".prev"):
+        return {(0, 0)}
+    points = set()
+    for f in (path, path + ".prev"):
+        if os.path.exists(f):
+            try:
+                state = checkpoint.load(f)["state"]
+                points.add((int(state["epoch"]), int(state["step"])))
+            except (UserError, KeyError):
+                points.add(f)  # unreadable: never common, so trained alone, where resuming reports it
+    return points
 
 
-def fused_groups(ctx, subdomains: list, key=lambda i: None) -> list:
-    """``subdomains`` as groups that run as one fused model (same subimage shape and ``key``), or
-    one by one where ``performance.fuse_local`` says not to fuse."""
+def fused_groups(ctx, subdomains: list) -> list:
+    """``subdomains`` as groups that run as one fused model (same subimage shape), or one by one
+    where ``performance.fuse_local`` says not to fuse."""
     own, m = ctx.world.own, ctx.manifest
     if len(subdomains) < 2 or not fuses(ctx.cfg.performance.fuse_local, ctx.device, own.replicas,
                                         ctx.models.plain_local(subdomains[0])):
         return [[i] for i in subdomains]
     groups: dict = {}
     for i in subdomains:
-        groups.setdefault((m.subimage_shape(i), key(i)), []).append(i)
+        groups.setdefault(m.subimage_shape(i), []).append(i)
     return sorted(groups.values())
 
 
 def training_groups(ctx, subdomains: list) -> list:
-    """The subdomains to train, as groups trained together: same subimage shape, same checkpoint point."""
-    return fused_groups(ctx, subdomains, lambda i: _point(ctx.layout.local_checkpoint(i)))
+    """The subdomains to train, as groups trained together: same subimage shape and a point every
+    member holds (the start, when none has a checkpoint; the engine resumes from the newest)."""
+    groups = []
+    for group in fused_groups(ctx, subdomains):
+        held = [_points(ctx.layout.local_checkpoint(i)) for i in group]
+        if len(group) == 1 or set.intersection(*held):
+            groups.append(group)
+        else:
+            groups += [[i] for i in group]
+    return groups
 
 
 def train_group(ctx, group: list, left: int) -> list:
@@ -104,8 +117,9 @@ def train_group(ctx, group: list, left: int) -> list:
             summary["fused_with"] = group
         if own.replica == 0:
             checkpoint.save({"model": state.best["model"], "summary": summary, "subdomain": i}, layout.local_model(i))
-            if os.path.exists(layout.local_checkpoint(i)):
-                os.unlink(layout.local_checkpoint(i))
+            for path in (layout.local_checkpoint(i), layout.local_checkpoint(i) + ".prev"):
+                if os.path.exists(path):
+                    os.unlink(path)
         summaries.append(summary)
     return summaries
 
