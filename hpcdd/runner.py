@@ -8,6 +8,7 @@ waiting in a collective.
 from __future__ import annotations
 
 import json
+import importlib
 import os
 import platform
 
@@ -257,7 +258,7 @@ def prepare(cfg: Config, world: World, resume: bool = False, force: bool = False
     ctx.watchdog = Watchdog(layout, world, cfg.watchdog_timeout, procs).start()
     # Building the first optimizer (and counting FLOPs) imports torch._dynamo: 1.4 s. Every rank pays it
     # here, while rank 0 makes the plan, not rank 0 here and the others after the next collective.
-    import torch._dynamo  # noqa: F401
+    importlib.import_module("torch._dynamo")
 
     plan = make_plan(cfg, manifest, ctx.models, world.own.table, world.size) if world.is_root else None
     ctx.progress = Progress(layout, world, cfg.phases, plan, cfg.log_interval)
