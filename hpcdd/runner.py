@@ -7,8 +7,8 @@ waiting in a collective.
 
 from __future__ import annotations
 
-import json
 import importlib
+import json
 import os
 import platform
 
