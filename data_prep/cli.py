@@ -14,7 +14,8 @@ import numpy as np
 
 from . import sources
 from .ranks import Ranks, init_ranks
-from .writer import CHUNK_BYTES, Progress, check_output, chunk_rows, chunks, write_dataset
+from .writer import (CHUNK_BYTES, Progress, Terminated, check_output, check_terminated, chunk_rows, chunks, terminate,
+                     write_dataset)
 
 
 def build_parser() -> OneLineParser:
@@ -107,6 +108,7 @@ def scan(split: sources.Split, ranks: Ranks, skip_bad: bool, progress,
     rows = chunk_rows(x.shape[1:], x.dtype.itemsize, chunk_bytes)
     ids, skipped = [], []
     for a, b in chunks(len(split.y), rows):
+        check_terminated()
         if skip_bad:
             h, messages = ranks.bad(x, np.arange(a, b))
             skipped += messages
@@ -210,18 +212,10 @@ def run(argv=None, ranks: Ranks | None = None) -> dict:
     return manifest
 
 
-class Terminated(BaseException):
-    """SIGTERM (scancel, a killed job): unwinds like Ctrl-C so the partial output is removed."""
-
-
-def _terminate(signum, frame):
-    raise Terminated()
-
-
 def main(argv=None) -> int:
     import signal
 
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, terminate)
     ranks = None
     try:
         args = build_parser().parse_args(argv)

@@ -226,6 +226,26 @@ def make_splits(source: Source, val_fraction: float, seed: int, order: np.ndarra
     return splits
 
 
+class Terminated(BaseException):
+    """SIGTERM (scancel, a killed job): unwinds like Ctrl-C so the partial output is removed."""
+
+
+_SIGNALLED: list = []
+
+
+def terminate(signum, frame):
+    """SIGTERM's handler. Python may run it inside a weakref callback or ``__del__``, where the raised
+    exception is printed and dropped (seen once in CI: the conversion then finished and exited 0), so
+    it also leaves a flag that the next chunk boundary, and the final rename, raise again."""
+    _SIGNALLED.append(signum)
+    raise Terminated()
+
+
+def check_terminated() -> None:
+    if _SIGNALLED:
+        raise Terminated()
+
+
 def write_dataset(source: Source, out: str, grid, overlap: int, margin: int, val_fraction: float,
                   seed: int, force: bool = False, full: bool = True, progress: bool | None = None,
                   ranks: Ranks | None = None, order: np.ndarray | None = None, extra: dict | None = None,
@@ -276,6 +296,7 @@ def write_dataset(source: Source, out: str, grid, overlap: int, margin: int, val
             if files:
                 files.begin(name, len(split.y), shape0, dtype)
             for a, b in chunks(len(split.y), rows):
+                check_terminated()
                 block = ranks.read(split.x, np.arange(a, b))
                 if files:
                     if name == "train":
@@ -294,6 +315,7 @@ def write_dataset(source: Source, out: str, grid, overlap: int, margin: int, val
                 f.flush()
                 os.fsync(f.fileno())
             bar.close()
+            check_terminated()
             _move_into_place(tmp, out, parent)
     except OSError as e:
         _discard(files, tmp, bar)

@@ -403,3 +403,24 @@ def test_image_folder_conventions_match_torchvision(tmp_path):
         (tmp_path / name).mkdir()
     (tmp_path / "file.png").write_bytes(b"")
     assert _class_folders(str(tmp_path)) == [c for c in find_classes(str(tmp_path))[0] if not c.startswith(".")]
+
+
+def test_a_sigterm_dropped_by_python_still_stops_before_anything_is_written(tmp_path, fashion_dir):
+    """Python runs a signal handler between any bytecodes, also inside a weakref callback or __del__,
+    where the exception it raises is printed and dropped (CI saw a SIGTERMed conversion finish and exit
+    0 that way). The handler's flag stops the conversion at the next chunk: no output, no hidden folder."""
+    from data_prep import writer
+    from data_prep.cli import run
+
+    class Dropped:
+        def __del__(self):
+            writer.terminate(15, None)
+
+    out = tmp_path / "out"
+    try:
+        Dropped()  # the handler's exception is dropped here, as in the weakref callback
+        with pytest.raises(writer.Terminated):
+            run(["idx", fashion_dir, str(out), "--grid", "2x2", "--max-train", "500", "--max-test", "100", "--quiet"])
+    finally:
+        writer._SIGNALLED.clear()
+    assert os.listdir(tmp_path) == []
