@@ -164,12 +164,13 @@ def _save(loop: Loop, states: list) -> None:
         return
     weights = loop.weights()
     optimizers = loop.optimizer_states() if loop.members > 1 else [loop.optimizer.state_dict()]
+    shared = {"scheduler": loop.scheduler.state_dict(), "rng": rng_state()}  # the same for every member
     for m, member in enumerate(states):
         path = _member(loop.checkpoint, m, loop)
         if (loop.agree is not None or loop.members > 1) and os.path.exists(path):
             os.replace(path, path + ".prev")
-        saved = {"optimizer": optimizers[m], "scheduler": loop.scheduler.state_dict(),
-                 "rng": rng_state(), "weights": _member(weights, m, loop), "state": member.state_dict()}
+        saved = {"optimizer": optimizers[m], **shared, "weights": _member(weights, m, loop),
+                 "state": member.state_dict()}
         if workers is not None:
             saved["workers"] = workers
         checkpoint.save(saved, path)
@@ -209,7 +210,7 @@ def _held(loop: Loop, path: str, device) -> dict:
 
 def resume(loop: Loop, device):
     """The training state of ``loop.checkpoint`` loaded into the loop's models and optimizer, if any
-    (one state per member of a fused loop, whose members must all hold the same point)."""
+    (one state per member of a fused loop, from the newest point every member's checkpoints hold)."""
     if not loop.checkpoint:
         return None
     paths = loop.checkpoint if loop.members > 1 else [loop.checkpoint]

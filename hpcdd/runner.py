@@ -56,8 +56,9 @@ def _validate_data(cfg: Config, world: World) -> Manifest:
         if t.augment_shift > manifest.margin:
             raise UserError(f"{name}.augment_shift = {t.augment_shift} needs shards stored with --margin "
                             f">= {t.augment_shift}, but {cfg.data} has margin {manifest.margin}")
-    if cfg.performance.autocast == "bf16" and autocast_problem(world.device):
-        raise UserError(f"performance.autocast = \"bf16\": {autocast_problem(world.device)}; set it to \"off\"")
+    problem = autocast_problem(world.device) if cfg.performance.autocast == "bf16" else None
+    if problem:
+        raise UserError(f"performance.autocast = \"bf16\": {problem}; set it to \"off\"")
     if cfg.performance.compile == "on":
         problem = compiler_problem(world.device)
         if problem:
