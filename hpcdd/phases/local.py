@@ -56,13 +56,16 @@ def _points(path: str) -> set:
 def fused_groups(ctx, subdomains: list) -> list:
     """``subdomains`` as groups that run as one fused model (same subimage shape), or one by one
     where ``performance.fuse_local`` says not to fuse."""
-    own, m = ctx.world.own, ctx.manifest
-    if len(subdomains) < 2 or not fuses(ctx.cfg.performance.fuse_local, ctx.device, own.replicas,
-                                        ctx.models.plain_local(subdomains[0])):
+    return shape_groups(ctx.models, subdomains, ctx.cfg.performance.fuse_local, ctx.device, ctx.world.own.replicas)
+
+
+def shape_groups(models, subdomains: list, setting: str, device, replicas: int = 1) -> list:
+    """``fused_groups`` without a run: ``models`` a ``factory.Models`` (benchmarks time these groups)."""
+    if len(subdomains) < 2 or not fuses(setting, device, replicas, models.plain_local(subdomains[0])):
         return [[i] for i in subdomains]
     groups: dict = {}
     for i in subdomains:
-        groups.setdefault(m.subimage_shape(i), []).append(i)
+        groups.setdefault(models.manifest.subimage_shape(i), []).append(i)
     return sorted(groups.values())
 
 
