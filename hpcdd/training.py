@@ -65,15 +65,19 @@ def train_step(model, opt, params, x, y, batch: int, group: Group = Group()):
     gradients over the data-parallel workers (one Allreduce) gives the minibatch gradient.
     Returns (summed loss of these rows (one per member of a fused model), outputs).
     """
-    with autocast(x.device):
-        out = model(x)
-    out = full_precision(out)
-    if out.dim() == 3:  # a fused model: (B, G, K) outputs, (B, G) labels, one summed loss per member
-        total = F.cross_entropy(out.transpose(1, 2), y, reduction="none").sum(0)
+    by_hand = getattr(model, "forward_backward", None)
+    if by_hand is not None and model.training:  # the DNN (aggregators.DNN): float32, without autograd
+        total, out = by_hand(x, y, batch)
     else:
-        total = F.cross_entropy(out, y, reduction="sum")
-    opt.zero_grad(set_to_none=True)
-    (total.sum() / batch).backward()
+        with autocast(x.device):
+            out = model(x)
+        out = full_precision(out)
+        if out.dim() == 3:  # a fused model: (B, G, K) outputs, (B, G) labels, one summed loss per member
+            total = F.cross_entropy(out.transpose(1, 2), y, reduction="none").sum(0)
+        else:
+            total = F.cross_entropy(out, y, reduction="sum")
+        opt.zero_grad(set_to_none=True)
+        (total.sum() / batch).backward()
     group.sum_grads_(params)
     opt.step()
     return total, out

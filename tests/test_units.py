@@ -55,6 +55,29 @@ def test_dnn_shapes():
     assert dnn(torch.rand(5, 4, 10)).shape == (5, 10)
 
 
+@pytest.mark.parametrize("hidden,dropout", [((64,), 0.1), ((32, 16), 0.3), ((), 0.1), ((24,), 0.0)])
+def test_dnn_step_by_hand_is_autograds(hidden, dropout):
+    """The DNN's hand-written training step computes autograd's loss, logits and gradients (float64,
+    same dropout masks from the same seed), minibatch mean over ``batch`` rows of which it holds some."""
+    torch.manual_seed(0)
+    dnn = DNN(4, 10, hidden, dropout).double()
+    z, y = torch.rand(48, 4, 10, dtype=torch.float64), torch.randint(0, 10, (48,))
+    torch.manual_seed(7)
+    out = dnn(z)
+    total = torch.nn.functional.cross_entropy(out, y, reduction="sum")
+    (total / 64).backward()
+    expected = [p.grad.clone() for p in dnn.parameters()]
+    for p in dnn.parameters():
+        p.grad = None
+    torch.manual_seed(7)
+    total2, out2 = dnn.forward_backward(z, y, 64)
+    torch.testing.assert_close(out2, out.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(total2, total.detach(), rtol=0, atol=1e-10)
+    for p, g in zip(dnn.parameters(), expected):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=1e-12)
+    assert all(g.abs().sum() > 0 for g in expected)
+
+
 def test_config_merge(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text('seed = 3\n[local]\nepochs = 7\n[coherent.transfer]\nlr = 0.01\n[global]\nbatch_size = 64\n')
