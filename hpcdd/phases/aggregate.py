@@ -1,6 +1,7 @@
 """Aggregate phase: the coarse problem. Local outputs (n, N, K) are gathered at rank 0 (Gatherv),
 which trains the DNN on them and scores it against average probability and majority vote; the DNN
-weights are then broadcast (Bcast) to every rank.
+weights are then broadcast (Bcast) to every rank. The DNN needs only the train and val outputs, so the
+other ranks compute their test outputs while rank 0 trains it.
 """
 
 from __future__ import annotations
@@ -79,9 +80,10 @@ def labels_of(ctx, split: str) -> torch.Tensor:
     return ctx.data(ctx.world.own.subdomains[0], split).y
 
 
-def on_root(ctx, work):
-    """``work()`` on rank 0 while the other ranks wait without spinning; a stop on any rank during
-    it stops every rank (rank 0 checkpoints first). Returns rank 0's result there, None elsewhere."""
+def on_root(ctx, work, meanwhile=None):
+    """``work()`` on rank 0 while the other ranks run ``meanwhile()`` (if given) and then wait without
+    spinning; a stop on any rank during it stops every rank (rank 0 checkpoints first). Returns rank
+    0's result there, ``meanwhile()``'s elsewhere."""
     from ..preemption import Preempted
 
     result, stopped = None, False
@@ -90,6 +92,8 @@ def on_root(ctx, work):
             result = work()
         except Preempted:
             stopped = True
+    elif meanwhile is not None:
+        result = meanwhile()
     forward = None if ctx.world.is_root or ctx.stop is None else ctx.stop.poll_independent  # a signal here reaches rank 0
     ctx.world.everyone.idle_barrier(while_waiting=forward)
     if ctx.world.bcast_obj(stopped):
@@ -125,27 +129,38 @@ def run(ctx) -> None:
     os.makedirs(layout.phase_dir("aggregate"), exist_ok=True)
     models = fused_local_models(ctx)
     logits, seconds = {}, {"inference": {}, "gather": {}}
-    for split in SPLITS:
-        t1 = time.perf_counter()
-        timer = {"inference": 0.0}  # replicas other than the first compute nothing
 
-        def infer():
-            t = time.perf_counter()
-            out = local_logits(ctx, models, split)
-            timer["inference"] = time.perf_counter() - t
-            return out
-        logits[split] = gather_at_root(ctx, split, infer)
-        seconds["inference"][split] = timer["inference"]
-        seconds["gather"][split] = time.perf_counter() - t1 - timer["inference"]
+    def infer(split):
+        t = time.perf_counter()
+        out = local_logits(ctx, models, split) if ctx.world.own.replica == 0 else None
+        seconds["inference"][split] = time.perf_counter() - t  # replicas other than the first compute nothing
+        return out
+
+    def gathered(split, ready=None):
+        t1 = time.perf_counter()
+        full = gather_at_root(ctx, split, (lambda: ready) if ready is not None else lambda: infer(split))
+        wall = time.perf_counter() - t1
+        mine = seconds["inference"].get(split, 0.0)
+        seconds["gather"][split] = wall - (mine if ready is None else 0.0)
         ctx.log(f"[aggregate] outputs of the {m.n} local CNNs on the {split} split ({m.count(split)} samples) "
-                f"gathered in {time.perf_counter() - t1:.1f} s (rank 0's inference {timer['inference']:.1f} s)")
+                f"gathered in {wall:.1f} s (rank 0's inference {mine:.1f} s)")
+        return full
+
+    for split in ("train", "val"):
+        logits[split] = gathered(split)
     t_dnn = time.perf_counter()
     kind = ctx.cfg.dnn.input
     if ctx.world.is_root:
         labels = {s: labels_of(ctx, s) for s in SPLITS}
-        feats = {s: dnn_view(torch.from_numpy(logits[s]), kind) for s in SPLITS}
-    trained = on_root(ctx, lambda: train_dnn(ctx, feats, labels))
+        feats = {s: dnn_view(torch.from_numpy(logits[s]), kind) for s in ("train", "val")}
+    # the DNN needs only train and val: the other ranks compute their test outputs meanwhile
+    # (with a core or GPU each, hidden behind the DNN), rank 0 after it
+    early = on_root(ctx, lambda: train_dnn(ctx, feats, labels), meanwhile=lambda: infer("test"))
+    trained = early if ctx.world.is_root else None
     seconds["dnn"] = time.perf_counter() - t_dnn
+    logits["test"] = gathered("test", None if ctx.world.is_root else early)
+    if ctx.world.is_root:
+        feats["test"] = dnn_view(torch.from_numpy(logits["test"]), kind)
     dnn = ctx.models.dnn()
     flat = bcast_array(ctx.world.comm, None if trained is None else flatten_state(trained[0]))
     dnn.load_state_dict(unflatten_state(dnn.state_dict(), flat))
