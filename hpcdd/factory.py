@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import rng
-from .acceleration import accelerate
+from .acceleration import accelerate, for_inference
 from .aggregators import DNN
 from .data import ShardReader, SplitData, stream_plan
 from .fused import Fused
@@ -53,6 +53,12 @@ class Models:
         if self.performance is None:
             return model
         return accelerate(model, self.manifest.dims, self.performance, self.device)
+
+    def inference(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` for passes over whole splits: BatchNorm folded (``acceleration.for_inference``)."""
+        if self.performance is None:
+            return model
+        return for_inference(model, self.manifest.dims, self.performance, self.device)
 
     def dnn(self) -> DNN:
         torch.manual_seed(rng.mix(self.seed, rng.TAG_INIT, rng.TAG_DNN))

@@ -198,3 +198,35 @@ def test_accelerated_cnn_computes_what_the_plain_one_does(compile_):
     fast(x).square().sum().backward()
     for (name, a), b in zip(plain.named_parameters(), fast.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("family,spatial,members", [("vgg", (12, 12), 1), ("resnet20", (12, 12), 1),
+                                                    ("resnet18", (32, 36), 1), ("vgg", (6, 6, 6), 1),
+                                                    ("vgg", (12, 12), 3)])
+def test_inference_copy_folds_batchnorm_and_computes_the_same(family, spatial, members):
+    """``for_inference``: no BatchNorm left (folded into the convolutions), the eval outputs of the
+    model (a fused one too), and the model itself untouched and still training."""
+    import torch
+
+    from hpcdd.acceleration import for_inference
+    from hpcdd.config import ModelConfig, PerformanceConfig
+    from hpcdd.fused import Fused
+    from hpcdd.rng import stream_of
+
+    torch.manual_seed(0)
+    spec = ModelConfig(family=family, widths=[8, 16, 16, 16])
+    nets = [build_model(spec, 1, spatial, 10, 1.0) for _ in range(members)]
+    model = nets[0] if members == 1 else Fused(nets, [stream_of(0, "local", i) for i in range(members)])
+    x = torch.randn(16, members, *spatial)
+    with torch.no_grad():
+        model(x)  # BatchNorm statistics that are not the identity
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = for_inference(model, len(spatial), PerformanceConfig(), "cpu")
+    assert model.training
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    assert getattr(folded, "members", 1) == members
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -47,8 +47,8 @@ def load_local_models(ctx, path_of) -> dict:
 
 
 def fused_local_models(ctx) -> dict:
-    """This rank's trained local CNNs for inference, keyed by the tuple of subdomains each computes:
-    those that fuse (``performance.fuse_local``) as one fused model, the others alone."""
+    """This rank's trained local CNNs for inference (BatchNorm folded), keyed by the tuple of subdomains
+    each computes: those that fuse (``performance.fuse_local``) as one fused model, the others alone."""
     from .local import fused_groups
 
     layout, models = ctx.layout, {}
@@ -60,7 +60,7 @@ def fused_local_models(ctx) -> dict:
         else:
             model = ctx.models.fused(group, [stream_of(ctx.cfg.seed, "local", i) for i in group])
             model.load_member_state_dicts(weights)
-        models[tuple(group)] = model
+        models[tuple(group)] = ctx.models.inference(model)
     return models
 
 

@@ -27,7 +27,8 @@ def run(ctx) -> None:
         on_step=ctx.training("global CNN", ctx.cfg.global_.epochs, {None: model}, share=1 / world.size)))
     ctx.progress.end_training()
     model.load_state_dict(state.best["model"])
-    test = accuracy_of(model, ctx.data(None, "test"), ctx.device, ctx.cfg.eval_batch_size, everyone)
+    test = accuracy_of(ctx.models.inference(model), ctx.data(None, "test"), ctx.device, ctx.cfg.eval_batch_size,
+                       everyone)
     if world.is_root:
         for e in state.history:
             ctx.event(phase="global", **e)
