@@ -89,16 +89,31 @@ def check_slurm_size(info: WorldInfo) -> None:
             f"without a matching MPI plugin; use `srun --mpi=pmi2` (MPICH) or `srun --mpi=pmix` (Open MPI)")
 
 
-def node_cores(info: WorldInfo) -> int:
-    """Torch threads for this rank: SLURM's cpus-per-task, else cores on the node / ranks on it."""
-    if info.cpus_per_task:
-        return max(1, info.cpus_per_task)
+def _cores() -> tuple[int, int]:
+    """(cores this process may run on, cores on the node)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
-    if cores < (os.cpu_count() or cores):
+    return cores, os.cpu_count() or cores
+
+
+def node_cores(info: WorldInfo) -> int:
+    """Torch threads for this rank: SLURM's cpus-per-task, else cores on the node / ranks on it."""
+    if info.cpus_per_task:
+        return max(1, info.cpus_per_task)
+    cores, total = _cores()
+    if cores < total:
         return max(1, cores)  # the launcher bound this rank to its own cores
     return max(1, cores // max(1, info.local_size or 1))
+
+
+def oversubscribed(info: WorldInfo, cores: tuple[int, int] | None = None) -> bool:
+    """More ranks on this node than cores (and no binding): what one rank computes while another
+    waits then only takes cores from the busy one. ``cores``: ``_cores()``, given in tests."""
+    if info.cpus_per_task:
+        return False
+    mine, total = cores or _cores()
+    return mine >= total and (info.local_size or 1) > total
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from hpcdd.errors import UserError
-from hpcdd.launcher import WorldInfo, check_slurm_size, slurm_tasks_on_node, world_info
+from hpcdd.launcher import WorldInfo, check_slurm_size, oversubscribed, slurm_tasks_on_node, world_info
 from hpcdd.ownership import ownership, slice_rows
 
 
@@ -80,3 +80,11 @@ def test_ownership_refuses_other_counts():
 def test_slice_rows_partition():
     rows = [slice_rows(10, 3, p) for p in range(3)]
     assert [(s.start, s.stop) for s in rows] == [(0, 3), (3, 6), (6, 10)]
+
+
+def test_oversubscribed_node():
+    four = WorldInfo(0, 4, 0, 4, "mpich", None, None)
+    assert oversubscribed(four, (2, 2))  # 4 ranks on 2 cores
+    assert not oversubscribed(four, (8, 8))
+    assert not oversubscribed(four, (1, 2))  # bound by the launcher to its own core
+    assert not oversubscribed(WorldInfo(0, 4, 0, 4, "slurm", 4, 1), (2, 2))  # SLURM's cpus-per-task

@@ -1,7 +1,7 @@
 """Aggregate phase: the coarse problem. Local outputs (n, N, K) are gathered at rank 0 (Gatherv),
 which trains the DNN on them and scores it against average probability and majority vote; the DNN
 weights are then broadcast (Bcast) to every rank. The DNN needs only the train and val outputs, so the
-other ranks compute their test outputs while rank 0 trains it.
+other ranks compute their test outputs while rank 0 trains it (unless the node has more ranks than cores).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from ..aggregators import accuracy, average, vote
 from ..coherent import dnn_view
 from ..collectives import bcast_array, gather_rows
 from ..data import MemberData, TensorData
+from ..launcher import oversubscribed
 from ..manifest import SPLITS
 from ..models import count_parameters
 from ..rng import stream_of
@@ -148,17 +149,19 @@ def run(ctx) -> None:
 
     for split in ("train", "val"):
         logits[split] = gathered(split)
-    t_dnn = time.perf_counter()
     kind = ctx.cfg.dnn.input
     if ctx.world.is_root:
         labels = {s: labels_of(ctx, s) for s in SPLITS}
         feats = {s: dnn_view(torch.from_numpy(logits[s]), kind) for s in ("train", "val")}
-    # the DNN needs only train and val: the other ranks compute their test outputs meanwhile
-    # (with a core or GPU each, hidden behind the DNN), rank 0 after it
-    early = on_root(ctx, lambda: train_dnn(ctx, feats, labels), meanwhile=lambda: infer("test"))
+    # the DNN needs only train and val: the other ranks compute their test outputs meanwhile, rank 0
+    # after it; with more ranks than cores that only slows the DNN, so then every rank computes them first
+    overlap = str(ctx.device) != "cpu" or not oversubscribed(ctx.world.info)
+    ready = None if overlap else infer("test")
+    t_dnn = time.perf_counter()
+    early = on_root(ctx, lambda: train_dnn(ctx, feats, labels), meanwhile=(lambda: infer("test")) if overlap else None)
     trained = early if ctx.world.is_root else None
     seconds["dnn"] = time.perf_counter() - t_dnn
-    logits["test"] = gathered("test", None if ctx.world.is_root else early)
+    logits["test"] = gathered("test", early if overlap and not ctx.world.is_root else ready)
     if ctx.world.is_root:
         feats["test"] = dnn_view(torch.from_numpy(logits["test"]), kind)
     dnn = ctx.models.dnn()
