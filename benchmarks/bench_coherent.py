@@ -52,7 +52,7 @@ def worker(mode: str, data: str, steps: int, threads: int, batch: int) -> None:
     first = own.subdomains[0]
     y_all = data_of(first, "train").y
     if mode == "dist":
-        model = DistributedCoherent(world, {i: models.local(i) for i in own.subdomains}, models.dnn(), n)
+        model = DistributedCoherent(world, DistributedCoherent.alone({i: models.local(i) for i in own.subdomains}), models.dnn(), n)
     else:
         model = CoherentModel([models.local(i) for i in range(n)], models.dnn())
     opt = make_optimizer(list(model.parameters()), cfg.coherent.scratch)

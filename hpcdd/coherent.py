@@ -2,7 +2,8 @@
 
 ``CoherentModel`` is the single-process form (prediction, export, reference in tests).
 ``DistributedCoherent`` is the model-parallel form ``hpcdd.run`` trains: each rank holds only its
-own local CNNs; per minibatch (the same samples on every rank) it runs its local forward, an
+own local CNNs (those of one subimage shape fused into one model where the local phase fuses them,
+hpcdd/fused.py); per minibatch (the same samples on every rank) it runs its local forward, an
 ``Allgatherv`` of the (B, K) outputs gives (B, N, K) everywhere, the small DNN runs replicated
 on every rank, and the gradient of the loss with respect to (B, N, K) is what each rank feeds
 back into its own local CNNs. Only outputs cross ranks; images and CNN weights never do.
@@ -21,8 +22,8 @@ from torch import nn
 from .acceleration import autocast, full_precision
 from .collectives import allgather_rows
 from .ownership import slice_rows
-from .rng import TAG_COHERENT, TAG_DNN, seed_torch
-from .training import logits_of
+from .rng import TAG_COHERENT, TAG_DNN, mix, seed_torch
+from .training import group_logits
 
 
 def dnn_view(logits: torch.Tensor, kind: str) -> torch.Tensor:
@@ -50,10 +51,14 @@ class CoherentModel(nn.Module):
 
 
 class DistributedCoherent:
-    """One rank's share of the coherent model: its local CNNs and a replica of the DNN."""
+    """One rank's share of the coherent model: its local CNNs and a replica of the DNN. ``groups``:
+    a tuple of subdomains -> the module that computes them, one local CNN or a ``fused.Fused`` of
+    several (each member keeps its own weights, gradients and dropout stream)."""
 
-    def __init__(self, world, local_models: dict, dnn: nn.Module, n: int, dnn_input: str = "probs"):
-        self.world, self.local_models, self.dnn, self.n = world, local_models, dnn, n
+    def __init__(self, world, groups: dict, dnn: nn.Module, n: int, dnn_input: str = "probs"):
+        self.world, self.dnn, self.n = world, dnn, n
+        self.groups = dict(sorted(groups.items()))
+        self.subdomains = sorted(i for group in self.groups for i in group)
         self.dnn_input = dnn_input
         own = world.own
         self.replicas, self.replica = own.replicas, own.replica
@@ -62,17 +67,38 @@ class DistributedCoherent:
         self.comm_bytes = 0  # payload this rank sent plus received in training steps (the Allgather's
         self.comm_steps = 0  # block in and (B, N, K) out; a replica Allreduce's gradients in and out)
 
+    @staticmethod
+    def alone(models: dict) -> dict:
+        """``groups`` of unfused local CNNs (subdomain -> model)."""
+        return {(i,): m for i, m in models.items()}
+
     def parameters(self):
-        for i in sorted(self.local_models):
-            yield from self.local_models[i].parameters()
+        yield from self.local_parameters()
         yield from self.dnn.parameters()
 
     def local_parameters(self):
-        for i in sorted(self.local_models):
-            yield from self.local_models[i].parameters()
+        for m in self.groups.values():
+            yield from m.parameters()
+
+    def local_modules(self) -> list:
+        return list(self.groups.values())
+
+    def local_state_dicts(self) -> dict:
+        """Subdomain -> its local CNN's weights, in the unfused format (checkpoints, results)."""
+        out = {}
+        for group, m in self.groups.items():
+            out.update(zip(group, m.member_state_dicts() if len(group) > 1 else [m.state_dict()]))
+        return out
+
+    def load_local_state_dicts(self, states: dict) -> None:
+        for group, m in self.groups.items():
+            if len(group) > 1:
+                m.load_member_state_dicts([states[i] for i in group])
+            else:
+                m.load_state_dict(states[group[0]])
 
     def train(self, mode: bool = True):
-        for m in self.local_models.values():
+        for m in self.groups.values():
             m.train(mode)
         self.dnn.train(mode)
 
@@ -111,12 +137,19 @@ class DistributedCoherent:
 
         device = y.device
         mine = slice_rows(batch, self.replicas, self.replica)
-        outs = []
-        for i in sorted(self.local_models):
-            seed_torch(*counters, TAG_COHERENT, i)
+        outs = {}
+        for group, m in self.groups.items():
+            if len(group) == 1:
+                seed_torch(*counters, TAG_COHERENT, group[0])
+                x = xs[group[0]]
+            else:  # each member's dropout seeded as it is alone; inputs along channels (data.MemberData)
+                m.seed_members([mix(*counters, TAG_COHERENT, i) for i in group])
+                x = torch.cat([xs[i] for i in group], 1)
             with autocast(device):
-                outs.append(dnn_view(full_precision(self.local_models[i](xs[i])), self.dnn_input))
-        local = torch.stack(outs) if outs else torch.zeros((0, mine.stop - mine.start, 0), device=device)
+                out = full_precision(m(x))
+            outs.update({group[0]: out} if len(group) == 1 else {i: out[:, g] for g, i in enumerate(group)})
+        local = torch.stack([dnn_view(outs[i], self.dnn_input) for i in self.subdomains]) if outs \
+            else torch.zeros((0, mine.stop - mine.start, 0), device=device)
         k = local.shape[-1]
         full = self.gather_outputs(local.detach().float().cpu().numpy(), batch, k)
         z = torch.from_numpy(full).to(device).requires_grad_(True)
@@ -125,7 +158,7 @@ class DistributedCoherent:
         loss = F.cross_entropy(out, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad = z.grad[mine].permute(1, 0, 2)[sorted(self.local_models)]
+        grad = z.grad[mine].permute(1, 0, 2)[self.subdomains]
         torch.autograd.backward(local, grad.to(local.dtype))
         if self.replicas > 1:
             t0 = time.perf_counter()
@@ -138,6 +171,6 @@ class DistributedCoherent:
 
     def local_outputs(self, data: dict, rows: np.ndarray, device, batch_size: int) -> np.ndarray:
         """(n_owned, len(rows), K) DNN inputs of this rank's local CNNs (eval mode)."""
-        outs = [dnn_view(torch.from_numpy(logits_of(self.local_models[i], data[i], device, batch_size, rows)),
-                         self.dnn_input).numpy() for i in sorted(self.local_models)]
+        logits = group_logits(self.groups, data, device, batch_size, rows)
+        outs = [dnn_view(torch.from_numpy(logits[i]), self.dnn_input).numpy() for i in self.subdomains]
         return np.stack(outs) if outs else np.zeros((0, len(rows), 0), np.float32)

@@ -71,8 +71,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def snapshot(state: dict) -> dict:
-    """A detached copy of a (nested) state dict, so later steps do not change it."""
-    return {k: snapshot(v) if isinstance(v, dict) else v.detach().clone() for k, v in state.items()}
+    """A detached copy of a (nested) state dict, so later steps do not change it (values other than
+    tensors, e.g. the coherent phase's fused groups, are kept as they are)."""
+    return {k: snapshot(v) if isinstance(v, dict) else v.detach().clone() if torch.is_tensor(v) else v
+            for k, v in state.items()}
 
 
 @dataclass

@@ -140,8 +140,12 @@ class Fused(nn.Module):
 
     def seed_step(self, epoch: int, step: int, *more: int) -> None:
         """Seed every member's dropout as ``seed_torch(*stream.step_counters(...))`` seeds it unfused."""
-        for g, stream in zip(self.generators, self.streams):
-            g.manual_seed(rng.mix(*stream.step_counters(epoch, step, *more)))
+        self.seed_members([rng.mix(*stream.step_counters(epoch, step, *more)) for stream in self.streams])
+
+    def seed_members(self, seeds: list) -> None:
+        """Member g's dropout draws as it would after ``torch.manual_seed(seeds[g])`` unfused."""
+        for g, seed in zip(self.generators, seeds):
+            g.manual_seed(seed)
 
     def _split(self, key: str, value: torch.Tensor) -> list:
         kind = self._kinds.get(key)

@@ -43,6 +43,21 @@ def logits_of(model, data, device, batch_size: int, rows: np.ndarray | None = No
     return np.zeros((0, members, k) if members > 1 else (0, k), np.float32)
 
 
+def group_logits(groups: dict, data: dict, device, batch_size: int, rows: np.ndarray | None = None) -> dict:
+    """Subdomain -> (n, K) logits over ``rows`` of its split (``data[i]``), from ``groups``: a tuple of
+    subdomains -> the module that computes them (one local CNN, or a fused model of several)."""
+    from .data import MemberData
+
+    out = {}
+    for group, model in groups.items():
+        if len(group) == 1:
+            out[group[0]] = logits_of(model, data[group[0]], device, batch_size, rows)
+        else:
+            both = logits_of(model, MemberData([data[i] for i in group]), device, batch_size, rows)
+            out.update({i: both[:, g] for g, i in enumerate(group)})
+    return out
+
+
 def accuracy_of(model, data, device, batch_size: int, group: Group = Group()):
     """Accuracy on a split; each worker of ``group`` scores a slice and the counts are summed. A fused
     model (outputs (n, G, K), labels (n, G)) gets one accuracy per member."""

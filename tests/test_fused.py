@@ -204,3 +204,19 @@ def test_bf16_autocast_trains_in_bfloat16_and_learns(grid_data):
     assert set(seen) == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert state.best_val > 0.3, state.history
+
+
+def test_coherent_resume_refuses_other_groups(tmp_path):
+    """A coherent checkpoint written with other fused groups than this run's (its optimizer state has
+    their layout) stops the resume with one line naming the file; the same groups pass."""
+    from types import SimpleNamespace
+
+    from hpcdd import checkpoint
+    from hpcdd.errors import UserError
+    from hpcdd.phases.coherent import check_groups
+
+    path = str(tmp_path / "rank_0000.ckpt.pt")
+    checkpoint.save({"weights": {"local": {}, "dnn": {}, "groups": [[0], [1]]}}, path)
+    check_groups(path, SimpleNamespace(groups={(0,): None, (1,): None}))
+    with pytest.raises(UserError, match=r"rank_0000.ckpt.pt: written with .*\[\[0\], \[1\]\].*\[\[0, 1\]\]"):
+        check_groups(path, SimpleNamespace(groups={(0, 1): None}))

@@ -37,6 +37,7 @@ def test_distributed_steps_equal_single_process(small_data, ranks, optimizer):
     require_ok(proc)
     replicas = max(1, ranks // 4)
     assert f"OK {ranks} ranks ({replicas} replica(s) per subdomain, {optimizer})" in proc.stdout
+    assert f"also with up to {max(1, 4 // ranks)} local CNNs fused" in proc.stdout, proc.stdout
 
 
 @pytest.fixture(scope="module")
@@ -229,9 +230,10 @@ def test_transfer_starts_from_local_and_dnn_weights(runs, small_data):
     world.own = ownership(1, 4, 0)
     ctx = RunContext(cfg, world, RunLayout(str(run_dir)), load_manifest(small_data), RunState(str(run_dir / "s")))
     model = build_coherent(ctx, "transfer")
+    weights = model.local_state_dicts()
     for i in range(4):
         saved = torch.load(run_dir / "local" / f"sub_{i:03d}.pt", weights_only=True)["model"]
-        for k, v in model.local_models[i].state_dict().items():
+        for k, v in weights[i].items():
             assert torch.equal(v, saved[k])
     dnn = torch.load(run_dir / "aggregate" / "dnn.pt", weights_only=True)["model"]
     for k, v in model.dnn.state_dict().items():

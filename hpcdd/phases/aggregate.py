@@ -16,12 +16,12 @@ from .. import checkpoint
 from ..aggregators import accuracy, average, vote
 from ..coherent import dnn_view
 from ..collectives import bcast_array, gather_rows
-from ..data import MemberData, TensorData
+from ..data import TensorData
 from ..launcher import oversubscribed
 from ..manifest import SPLITS
 from ..models import count_parameters
 from ..rng import stream_of
-from ..training import Fit, fit, logits_of
+from ..training import Fit, fit, group_logits
 
 
 def gather_at_root(ctx, split: str, compute) -> np.ndarray | None:
@@ -37,43 +37,32 @@ def gather_at_root(ctx, split: str, compute) -> np.ndarray | None:
     return None if full is None else np.ascontiguousarray(full.transpose(1, 0, 2))
 
 
-def load_local_models(ctx, path_of) -> dict:
-    """This rank's local CNNs with the weights in ``path_of(i)``."""
-    models = {}
-    for i in ctx.world.own.subdomains:
-        model = ctx.models.local(i)
-        model.load_state_dict(checkpoint.load(path_of(i))["model"])
-        models[i] = model
-    return models
-
-
-def fused_local_models(ctx) -> dict:
-    """This rank's trained local CNNs for inference (BatchNorm folded), keyed by the tuple of subdomains
-    each computes: those that fuse (``performance.fuse_local``) as one fused model, the others alone."""
+def local_groups(ctx, path_of=None) -> dict:
+    """This rank's local CNNs, keyed by the tuple of subdomains each module computes: those that fuse
+    (``performance.fuse_local``) as one fused model, the others alone; with the weights in
+    ``path_of(i)`` (None: as initialised)."""
     from .local import fused_groups
 
-    layout, models = ctx.layout, {}
+    groups = {}
     for group in fused_groups(ctx, ctx.world.own.subdomains):
-        weights = [checkpoint.load(layout.local_model(i))["model"] for i in group]
         if len(group) == 1:
             model = ctx.models.local(group[0])
-            model.load_state_dict(weights[0])
         else:
             model = ctx.models.fused(group, [stream_of(ctx.cfg.seed, "local", i) for i in group])
-            model.load_member_state_dicts(weights)
-        models[tuple(group)] = ctx.models.inference(model)
-    return models
+        if path_of is not None:
+            weights = [checkpoint.load(path_of(i))["model"] for i in group]
+            if len(group) == 1:
+                model.load_state_dict(weights[0])
+            else:
+                model.load_member_state_dicts(weights)
+        groups[tuple(group)] = model
+    return groups
 
 
-def local_logits(ctx, models: dict, split: str) -> np.ndarray:
-    """(owned subdomains, n, K) logits of this rank's local CNNs (``fused_local_models``) on a split."""
-    out = {}
-    for group, model in models.items():
-        if len(group) == 1:
-            out[group[0]] = logits_of(model, ctx.data(group[0], split), ctx.device, ctx.cfg.eval_batch_size)
-            continue
-        both = logits_of(model, MemberData([ctx.data(i, split) for i in group]), ctx.device, ctx.cfg.eval_batch_size)
-        out.update({i: both[:, g] for g, i in enumerate(group)})
+def local_logits(ctx, groups: dict, split: str) -> np.ndarray:
+    """(owned subdomains, n, K) logits of this rank's local CNNs (``local_groups``) on a split."""
+    out = group_logits(groups, {i: ctx.data(i, split) for i in ctx.world.own.subdomains}, ctx.device,
+                       ctx.cfg.eval_batch_size)
     return np.stack([out[i] for i in ctx.world.own.subdomains])
 
 
@@ -128,7 +117,8 @@ def run(ctx) -> None:
     t0 = time.perf_counter()
     layout, m = ctx.layout, ctx.manifest
     os.makedirs(layout.phase_dir("aggregate"), exist_ok=True)
-    models = fused_local_models(ctx)
+    # inference copies, BatchNorm folded
+    models = {g: ctx.models.inference(m) for g, m in local_groups(ctx, layout.local_model).items()}
     logits, seconds = {}, {"inference": {}, "gather": {}}
 
     def infer(split):

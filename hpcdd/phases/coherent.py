@@ -18,10 +18,11 @@ from .. import checkpoint
 from ..aggregators import accuracy
 from ..coherent import DistributedCoherent
 from ..engine import Loop, TrainState, make_optimizer, make_scheduler, run_loop, snapshot
+from ..errors import UserError
 from ..ownership import slice_rows
 from ..rng import stream_of
 from ..training import buffers_of
-from .aggregate import gather_at_root, labels_of, load_local_models
+from .aggregate import gather_at_root, labels_of, local_groups
 
 
 def coherent_accuracy(ctx, model: DistributedCoherent, split: str) -> float:
@@ -48,24 +49,39 @@ def common_point(world, points: list) -> tuple | None:
 
 
 def weights_of(model: DistributedCoherent) -> dict:
-    return {"local": {i: m.state_dict() for i, m in model.local_models.items()}, "dnn": model.dnn.state_dict()}
+    return {"local": model.local_state_dicts(), "dnn": model.dnn.state_dict(), "groups": [list(g) for g in model.groups]}
 
 
 def load_weights(model: DistributedCoherent, weights: dict) -> None:
-    for i, m in model.local_models.items():
-        m.load_state_dict(weights["local"][i])
+    model.load_local_state_dicts(weights["local"])
     model.dnn.load_state_dict(weights["dnn"])
+
+
+def check_groups(path: str, model: DistributedCoherent) -> None:
+    """A checkpoint's optimizer state has the layout of the fused groups it was written with: a
+    resume that fuses differently (``performance.fuse_local = "auto"`` on another kind of device)
+    gets one line instead of torch's shape error."""
+    groups = [list(g) for g in model.groups]
+    for f in (path, path + ".prev"):
+        try:
+            saved = checkpoint.load(f)["weights"].get("groups", groups) if os.path.exists(f) else groups
+        except (UserError, KeyError, AttributeError):
+            continue  # torn or foreign: the engine's resume reports or skips it
+        if saved != groups:
+            raise UserError(f"{f}: written with this rank's local CNNs trained as {saved}, this run trains "
+                            f"them as {groups} (performance.fuse_local decides by device); resume on the same "
+                            f"kind of device")
 
 
 def build_coherent(ctx, strategy: str) -> DistributedCoherent:
     """scratch: the local-phase and DNN initialisations; transfer: the trained local CNNs and DNN."""
     dnn = ctx.models.dnn()
     if strategy == "transfer":
-        models = load_local_models(ctx, ctx.layout.local_model)
+        groups = local_groups(ctx, ctx.layout.local_model)
         dnn.load_state_dict(checkpoint.load(ctx.layout.dnn)["model"])
     else:
-        models = {i: ctx.models.local(i) for i in ctx.world.own.subdomains}
-    return DistributedCoherent(ctx.world, models, dnn, ctx.manifest.n, ctx.cfg.dnn.input)
+        groups = local_groups(ctx)
+    return DistributedCoherent(ctx.world, groups, dnn, ctx.manifest.n, ctx.cfg.dnn.input)
 
 
 def train_coherent(ctx, strategy: str, t) -> None:
@@ -114,20 +130,22 @@ def train_coherent(ctx, strategy: str, t) -> None:
         evaluate=lambda: coherent_accuracy(ctx, model, "val"), weights=lambda: weights_of(model),
         load_weights=lambda w: load_weights(model, w), optimizer=opt, scheduler=make_scheduler(opt, t),
         set_train=model.train, checkpoint=ckpt,
-        end_epoch=(lambda: world.replicas.mean_([b for m in model.local_models.values() for b in buffers_of(m)]))
+        end_epoch=(lambda: world.replicas.mean_([b for m in model.local_modules() for b in buffers_of(m)]))
         if own.replicas > 1 else None,
         stop=ctx.stop_collective(), on_epoch=on_epoch, on_resume=ctx.resume_logger("coherent", strategy=strategy),
         event_extra=lambda: {"comm_seconds": model.comm_time,
                              "comm_bytes_per_step": model.comm_bytes / max(model.comm_steps, 1)}, check_every=1 if str(device) == "cpu" else 25,
         agree=lambda points: common_point(world, points),
-        on_step=ctx.training(f"coherent {strategy}", t.epochs, model.local_models, share=1 / own.replicas))
+        on_step=ctx.training(f"coherent {strategy}", t.epochs, {i: ctx.models.plain_local(i) for i in own.subdomains}
+                             if world.is_root else {}, share=1 / own.replicas))
+    world.checked(lambda: check_groups(ckpt, model))
     state = run_loop(loop, device, start)
     ctx.progress.end_training()
     load_weights(model, state.best)
     test = coherent_accuracy(ctx, model, "test")
     if own.replica == 0:
-        for i, m in model.local_models.items():
-            checkpoint.save({"model": m.state_dict(), "subdomain": i}, layout.coherent_local(strategy, i))
+        for i, weights in model.local_state_dicts().items():
+            checkpoint.save({"model": weights, "subdomain": i}, layout.coherent_local(strategy, i))
     if world.is_root:
         checkpoint.save({"model": model.dnn.state_dict(), "input": ctx.cfg.dnn.input,
                          "hidden": list(ctx.cfg.dnn.hidden)}, layout.coherent_dnn(strategy))

@@ -20,6 +20,7 @@ from hpcdd.factory import DataCache, Models
 from hpcdd.manifest import load_manifest
 from hpcdd.ownership import slice_rows
 from hpcdd.parallel import init_world
+from hpcdd.phases.local import shape_groups
 from hpcdd.rng import TAG_COHERENT, TAG_DNN, seed_torch, stream_of
 from hpcdd.training import train_step
 
@@ -41,11 +42,17 @@ mine = rows[slice_rows(len(rows), own.replicas, own.replica)]
 y = data_of(own.subdomains[0], "train").y[torch.from_numpy(rows)]
 TOL = dict(rtol=1e-4, atol=1e-5)  # Adam divides by |g|: float-sum order shows near g = 0
 
-# distributed: this rank's local CNNs only, on its replica's slice
-dist = DistributedCoherent(world, {i: models.local(i) for i in own.subdomains}, models.dnn(), n, "probs")
-opt = make_optimizer(list(dist.parameters()), t)
+# distributed: this rank's local CNNs only, on its replica's slice; one after another, and fused
+# where they share a subimage shape (performance.fuse_local = "on")
 xs = {i: data_of(i, "train").batch(mine)[0] for i in own.subdomains}
-loss, out = dist.step(xs, y, len(rows), opt, counters)
+variants = []
+for groups in ([[i] for i in own.subdomains], shape_groups(models, list(own.subdomains), "on", "cpu", own.replicas)):
+    dist = DistributedCoherent(world, {tuple(g): models.local(g[0]) if len(g) == 1 else
+                                       models.fused(g, [stream_of(cfg.seed, "local", i) for i in g]) for g in groups},
+                               models.dnn(), n, "probs")
+    opt = make_optimizer(list(dist.parameters()), t)
+    loss, out = dist.step(xs, y, len(rows), opt, counters)
+    variants.append((groups, dist, loss, out))
 
 # reference: the whole CNN-DNN in this process, each local CNN run on the R replica slices in turn
 ref = CoherentModel([models.local(i) for i in range(n)], models.dnn(), "probs")
@@ -65,15 +72,19 @@ ref_opt.zero_grad()
 ref_loss.backward()
 ref_opt.step()
 
-assert abs(float(loss) - float(ref_loss)) < 1e-5, (float(loss), float(ref_loss))
-np.testing.assert_allclose(out.numpy(), ref_out.detach().numpy(), rtol=1e-5, atol=1e-6)
-for i in own.subdomains:
-    for (name, p), q in zip(dist.local_models[i].named_parameters(), ref.local_models[i].parameters()):
-        np.testing.assert_allclose(p.detach().numpy(), q.detach().numpy(), err_msg=f"local {i} {name}", **TOL)
-for p, q in zip(dist.dnn.parameters(), ref.dnn.parameters()):
-    np.testing.assert_allclose(p.detach().numpy(), q.detach().numpy(), err_msg="dnn", **TOL)
 start = models.local(own.subdomains[0])
-assert any(not torch.equal(a, b) for a, b in zip(start.parameters(), dist.local_models[own.subdomains[0]].parameters()))
+for groups, dist, loss, out in variants:
+    assert abs(float(loss) - float(ref_loss)) < 1e-5, (groups, float(loss), float(ref_loss))
+    np.testing.assert_allclose(out.numpy(), ref_out.detach().numpy(), rtol=1e-5, atol=1e-6)
+    trained = dist.local_state_dicts()
+    for i in own.subdomains:
+        for name, q in ref.local_models[i].named_parameters():  # BatchNorm statistics: per replica slice
+            np.testing.assert_allclose(trained[i][name].numpy(), q.detach().numpy(), err_msg=f"local {i} {name} {groups}",
+                                       **TOL)
+    for p, q in zip(dist.dnn.parameters(), ref.dnn.parameters()):
+        np.testing.assert_allclose(p.detach().numpy(), q.detach().numpy(), err_msg="dnn", **TOL)
+    assert any(not torch.equal(a, trained[own.subdomains[0]][k]) for k, a in start.state_dict().items())
+fused = max(len(g) for g in variants[1][0])
 
 # data-parallel global CNN: P slices on P ranks vs the same P slices accumulated in one process
 full = data_of(None, "train")
@@ -94,4 +105,4 @@ for (name, p), q in zip(g.named_parameters(), r.parameters()):
     np.testing.assert_allclose(p.detach().numpy(), q.detach().numpy(), err_msg=f"global {name}", **TOL)
 if world.rank == 0:
     print(f"OK {world.size} ranks ({own.replicas} replica(s) per subdomain, {optimizer}): coherent loss "
-          f"{float(loss):.6f} == {float(ref_loss):.6f}; global step equal")
+          f"{float(loss):.6f} == {float(ref_loss):.6f} (also with up to {fused} local CNNs fused); global step equal")
