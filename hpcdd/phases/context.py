@@ -122,6 +122,13 @@ class RunContext:
         self.progress.start_training(label, epochs, left, flops)
         return self.progress.step
 
+    def first_step_note(self) -> str:
+        """What a training's first step holds besides the step, for the log."""
+        from ..acceleration import wants_compile
+
+        return " (includes torch.compile's compilation)" if wants_compile(self.cfg.performance.compile, self.device)[0] \
+            else ""
+
     def epoch_logger(self, phase: str, label: str):
         def on_epoch(event):
             self.log(f"[{phase}] {label} epoch {event['epoch']}/{event['epochs']}: loss {event['loss']:.4f} "

@@ -41,7 +41,7 @@ def run(ctx) -> None:
                               layout.result("global"))
         first = state.extra.get("first_step_seconds", [0.0])[-1]
         ctx.log(f"[global] best val {state.best_val:.4f} (epoch {state.best_epoch}), test {test:.4f}; "
-                f"first step {first:.2f} s (with torch.compile: compiling)")
+                f"first step {first:.2f} s{ctx.first_step_note()}")
     ctx.sync()
     if world.is_root and os.path.exists(layout.global_checkpoint):
         os.unlink(layout.global_checkpoint)

@@ -153,8 +153,7 @@ def run(ctx) -> None:
         walls = [w for _, w in everything]
         firsts = [f for s in subs for f in s.get("first_step_seconds", [])]
         if firsts:
-            ctx.log(f"[local] first training steps {min(firsts):.2f}-{max(firsts):.2f} s "
-                    f"(with torch.compile: compiling)")
+            ctx.log(f"[local] first training steps {min(firsts):.2f}-{max(firsts):.2f} s{ctx.first_step_note()}")
         checkpoint.write_json({"subdomains": [{k: v for k, v in s.items() if k != "history"} for s in subs],
                                "wall_seconds": max(walls), "rank_seconds": walls}, layout.result("local"))
     ctx.mark_done("local")
