@@ -77,7 +77,6 @@ def kernel_bound(run_dir: str, ranks: int, steps: int = 12) -> dict:
     from hpcdd.manifest import load_manifest
     from hpcdd.ownership import ownership
     from hpcdd.phases.local import shape_groups
-    from hpcdd.rng import stream_of
     from hpcdd.training import train_step
 
     saved = read_json(os.path.join(run_dir, "config.json"))
@@ -109,9 +108,7 @@ def kernel_bound(run_dir: str, ranks: int, steps: int = 12) -> dict:
         seconds = 0.0
         for group in shape_groups(models, list(own.subdomains), cfg.performance.fuse_local, "cpu", own.replicas):
             shape = (m.channels * len(group),) + m.subimage_shape(group[0])
-            model = models.local(group[0]) if len(group) == 1 else \
-                models.fused(group, [stream_of(cfg.seed, "local", i) for i in group])
-            seconds += step_seconds(model, shape, cfg.local.batch_size, len(group)) / own.replicas
+            seconds += step_seconds(models.group(group), shape, cfg.local.batch_size, len(group)) / own.replicas
         per_rank.append(seconds * math.ceil(n / cfg.local.batch_size) * cfg.local.epochs)
     return {"global": t_global, "local": max(per_rank), "speedup": t_global / max(per_rank)}
 

@@ -33,8 +33,8 @@ class DNN(nn.Module):
         ``cross_entropy(self(z), y, reduction="sum") / batch``; sets every parameter's ``.grad``.
         Returns (summed loss, logits).
 
-        Why: a DNN step is ~20 small operations, and autograd's bookkeeping was a third of it (0.80 ->
-        0.57 ms a step, measured), with 3400 steps on rank 0 while the other ranks wait. Dropout masks
+        Why: a DNN step is ~20 small operations, and autograd's bookkeeping was a third of it (0.51 ->
+        0.32 ms a step of the engine's ``train_step``, measured), with 3400 steps on rank 0 while the other ranks wait. Dropout masks
         come from the global generator as ``F.dropout`` draws them on the CPU (``bernoulli_(1 - p)``,
         divided by 1 - p), so a step seeded the same way drops the same units (tests/test_units.py)."""
         layers = [m for m in self.net if isinstance(m, nn.Linear)]

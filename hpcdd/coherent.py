@@ -21,6 +21,7 @@ from torch import nn
 
 from .acceleration import autocast, full_precision
 from .collectives import allgather_rows
+from .fused import load_state_dicts, state_dicts_of
 from .ownership import slice_rows
 from .rng import TAG_COHERENT, TAG_DNN, mix, seed_torch
 from .training import group_logits
@@ -87,15 +88,12 @@ class DistributedCoherent:
         """Subdomain -> its local CNN's weights, in the unfused format (checkpoints, results)."""
         out = {}
         for group, m in self.groups.items():
-            out.update(zip(group, m.member_state_dicts() if len(group) > 1 else [m.state_dict()]))
+            out.update(zip(group, state_dicts_of(m)))
         return out
 
     def load_local_state_dicts(self, states: dict) -> None:
         for group, m in self.groups.items():
-            if len(group) > 1:
-                m.load_member_state_dicts([states[i] for i in group])
-            else:
-                m.load_state_dict(states[group[0]])
+            load_state_dicts(m, [states[i] for i in group])
 
     def train(self, mode: bool = True):
         for m in self.groups.values():

@@ -43,6 +43,13 @@ class Models:
         initialised as ``local(i)`` is."""
         return self._fast(Fused([self.plain_local(i) for i in subdomains], streams, self.device))
 
+    def group(self, subdomains) -> torch.nn.Module:
+        """The module that trains ``subdomains`` together: local CNN ``i`` alone, or several of one
+        subimage shape fused, each member with the dropout stream it has alone."""
+        if len(subdomains) == 1:
+            return self.local(subdomains[0])
+        return self.fused(list(subdomains), [rng.stream_of(self.seed, "local", i) for i in subdomains])
+
     def global_(self) -> torch.nn.Module:
         m = self.manifest
         torch.manual_seed(rng.mix(self.seed, rng.TAG_INIT, rng.TAG_GLOBAL))

@@ -85,6 +85,19 @@ def fusable(model: nn.Module) -> bool:
     return all(isinstance(m, known) for m in model.modules() if not list(m.children()))
 
 
+def state_dicts_of(module: nn.Module) -> list:
+    """Each member's weights in the unfused format (one state dict for a model that is not fused)."""
+    return module.member_state_dicts() if isinstance(module, Fused) else [module.state_dict()]
+
+
+def load_state_dicts(module: nn.Module, states: list) -> None:
+    """``state_dicts_of``'s inverse."""
+    if isinstance(module, Fused):
+        module.load_member_state_dicts(states)
+    else:
+        module.load_state_dict(states[0])
+
+
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, new)

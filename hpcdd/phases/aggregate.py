@@ -17,6 +17,7 @@ from ..aggregators import accuracy, average, vote
 from ..coherent import dnn_view
 from ..collectives import bcast_array, gather_rows
 from ..data import TensorData
+from ..fused import load_state_dicts
 from ..launcher import oversubscribed
 from ..manifest import SPLITS
 from ..models import count_parameters
@@ -45,16 +46,9 @@ def local_groups(ctx, path_of=None) -> dict:
 
     groups = {}
     for group in fused_groups(ctx, ctx.world.own.subdomains):
-        if len(group) == 1:
-            model = ctx.models.local(group[0])
-        else:
-            model = ctx.models.fused(group, [stream_of(ctx.cfg.seed, "local", i) for i in group])
+        model = ctx.models.group(group)
         if path_of is not None:
-            weights = [checkpoint.load(path_of(i))["model"] for i in group]
-            if len(group) == 1:
-                model.load_state_dict(weights[0])
-            else:
-                model.load_member_state_dicts(weights)
+            load_state_dicts(model, [checkpoint.load(path_of(i))["model"] for i in group])
         groups[tuple(group)] = model
     return groups
 

@@ -88,7 +88,7 @@ def train_group(ctx, group: list, left: int) -> list:
     layout, own, cfg = ctx.layout, ctx.world.own, ctx.cfg
     streams = [stream_of(cfg.seed, "local", i) for i in group]
     alone = len(group) == 1
-    model = ctx.models.local(group[0]) if alone else ctx.models.fused(group, streams)
+    model = ctx.models.group(group)
     label = f"subdomain {group[0]}" if alone else "subdomains " + ", ".join(map(str, group))
 
     def each(make):

@@ -47,9 +47,7 @@ TOL = dict(rtol=1e-4, atol=1e-5)  # Adam divides by |g|: float-sum order shows n
 xs = {i: data_of(i, "train").batch(mine)[0] for i in own.subdomains}
 variants = []
 for groups in ([[i] for i in own.subdomains], shape_groups(models, list(own.subdomains), "on", "cpu", own.replicas)):
-    dist = DistributedCoherent(world, {tuple(g): models.local(g[0]) if len(g) == 1 else
-                                       models.fused(g, [stream_of(cfg.seed, "local", i) for i in g]) for g in groups},
-                               models.dnn(), n, "probs")
+    dist = DistributedCoherent(world, {tuple(g): models.group(g) for g in groups}, models.dnn(), n, "probs")
     opt = make_optimizer(list(dist.parameters()), t)
     loss, out = dist.step(xs, y, len(rows), opt, counters)
     variants.append((groups, dist, loss, out))
