@@ -201,8 +201,10 @@ def run(argv=None, ranks: Ranks | None = None) -> dict:
                                  force=args.force, full=not args.no_full,
                                  progress=None if not args.quiet else False, ranks=ranks, order=order, extra=extra,
                                  chunk_bytes=chunk_bytes(args))
-    finally:
-        source.close()
+    except BaseException:
+        source.close(abandon=True)
+        raise
+    source.close()
     if not args.quiet and ranks.is_root:
         print(summary(manifest, args.out, time.perf_counter() - start), flush=True)
         if skipped:
@@ -230,10 +232,19 @@ def main(argv=None) -> int:
             print(f"error: rank {ranks.rank}: {e}", file=sys.stderr, flush=True)
             ranks.abort(2)
         fail(str(e))
-    except KeyboardInterrupt:
-        print("data_prep: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    except Terminated:
-        print("data_prep: stopped by SIGTERM; nothing was written", file=sys.stderr)
-        return 143
+    except (KeyboardInterrupt, Terminated) as e:
+        code, what = (130, "interrupted") if isinstance(e, KeyboardInterrupt) else (143, "stopped by SIGTERM")
+        return stopped(ranks, code, what)
     return 0
+
+
+def stopped(ranks: Ranks | None, code: int, what: str) -> int:
+    """A signal ended the preparation (its output is already removed): rank 0 says so once. Under a
+    launcher every rank got the signal; a rank leaves at once, without MPI_Finalize, which would wait
+    for peers that may have stopped in the middle of a message."""
+    if ranks is None or ranks.is_root:
+        print(f"data_prep: {what}; nothing was written", file=sys.stderr, flush=True)
+    if ranks is not None and ranks.size > 1:
+        sys.stdout.flush()
+        os._exit(code)
+    return code

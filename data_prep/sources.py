@@ -132,9 +132,11 @@ class Source:
     def image_shape(self) -> tuple[int, ...]:
         return tuple(self.train.x.shape[1:])
 
-    def close(self) -> None:
+    def close(self, abandon: bool = False) -> None:
+        """Release temporary files and decoding processes; ``abandon``: stopped half-way (a signal, an
+        error), so decoding processes are ended at once rather than waited for."""
         for f in self.cleanup:
-            f.close()
+            f.close(abandon) if isinstance(f, Decoder) else f.close()
         self.cleanup.clear()
 
 
@@ -550,14 +552,31 @@ class Decoder:
             from concurrent.futures import ProcessPoolExecutor
 
             # fork starts in milliseconds; under MPI, spawn (a forked MPI process is not safe everywhere)
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(self.start))
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(self.start),
+                                             initializer=_quiet_worker)
         return list(self._pool.map(_decode_many, parts, [size] * len(parts), [channels] * len(parts),
                                    [what] * len(parts), [self.library] * len(parts)))
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+    def close(self, abandon: bool = False) -> None:
+        if self._pool is None:
+            return
+        pool, self._pool = self._pool, None
+        if not abandon:
+            pool.shutdown(wait=True, cancel_futures=True)
+            return
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in processes:
+            proc.terminate()
+        for proc in processes:
+            proc.join(2)
+
+
+def _quiet_worker() -> None:
+    """A decoding process leaves Ctrl-C to its parent, which stops and ends it (no traceback per worker)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class FolderImages(Images):

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -330,14 +331,21 @@ def write_dataset(source: Source, out: str, grid, overlap: int, margin: int, val
 
 
 def _discard(files, tmp, bar) -> None:
-    bar.close()
-    if files:
-        try:
-            files.close()
-        except Exception:  # an HDF5 file on a full disk may not close cleanly; it is deleted anyway
-            pass
-    if tmp:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Remove the partial output. A launcher follows Ctrl-C with SIGTERM (Open MPI's mpirun), which must
+    not cut the removal short: both wait until it is done."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        bar.close()
+        if files:
+            try:
+                files.close()
+            except Exception:  # an HDF5 file on a full disk may not close cleanly; it is deleted anyway
+                pass
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
 def _move_into_place(tmp: str, out: str, parent: str) -> None:

@@ -87,6 +87,17 @@ def make_plan(cfg, manifest, models, own_table, ranks: int) -> Plan:
     return plan
 
 
+_COUNTERS = ("epoch", "epochs", "step", "steps", "images", "left", "done_steps")
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _seconds(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+
+
 class Progress:
     """One rank's counters; rank 0 also prints."""
 
@@ -99,6 +110,7 @@ class Progress:
         self.phase, self.phase_started = None, time.perf_counter()
         self.last_write = self.last_print = time.perf_counter()
         self.bar = None
+        self.ignored: set[str] = set()
 
     # ------------------------------------------------------------------ every rank
     def start_phase(self, phase: str) -> None:
@@ -144,6 +156,8 @@ class Progress:
 
     # ------------------------------------------------------------------ rank 0
     def _others(self) -> list[dict]:
+        """The other ranks' records of this phase. The files are advisory: one that is not a record this
+        run's ranks write (another tool's file, a hand edit) is skipped with one warning, never fatal."""
         out = []
         directory = self.layout.progress
         for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
@@ -152,11 +166,32 @@ class Progress:
             try:
                 with open(os.path.join(directory, name)) as f:
                     d = json.load(f)
-            except (OSError, ValueError):
+            except OSError:
                 continue
-            if d.get("phase") == self.phase and d.get("rank") != self.world.rank:
+            except ValueError:  # a torn write cannot happen (atomic), but a foreign file can
+                d = None
+            problem = self._problem(d)
+            if problem:
+                if name not in self.ignored:
+                    self.ignored.add(name)
+                    print(f"warning: {os.path.join(directory, name)}: {problem}; ignored (progress files are "
+                          f"advisory)", file=sys.stderr, flush=True)
+                continue
+            if d["phase"] == self.phase and d["rank"] != self.world.rank:
                 out.append(d)
         return out
+
+    def _problem(self, d) -> str | None:
+        """Why ``d`` is not a progress record of one of this run's ranks (None: it is one)."""
+        if not isinstance(d, dict):
+            return "not a JSON object"
+        if not (_count(d.get("rank")) and d["rank"] < self.world.size):
+            return f"rank {d.get('rank')!r} is not one of this run's {self.world.size} ranks"
+        if not (isinstance(d.get("phase"), str) and isinstance(d.get("label"), str)):
+            return "phase and label are not strings"
+        times = ("seconds", "first_step_seconds") if _count(d.get("done_steps")) and d["done_steps"] else ("seconds",)
+        bad = [k for k in _COUNTERS if not _count(d.get(k))] + [k for k in times if not _seconds(d.get(k))]
+        return f"{', '.join(bad)}: expected non-negative numbers" if bad else None
 
     @staticmethod
     def _eta(c: dict) -> float | None:

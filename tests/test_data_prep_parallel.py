@@ -228,3 +228,51 @@ def test_fashion_mnist_shards_do_not_depend_on_the_chunk_size(tmp_path, fashion_
     assert shard_digest(tmp_path / "small") == shard_digest(tmp_path / "default")
     assert manifest_of(tmp_path / "small") == manifest_of(tmp_path / "default")
     assert manifest_of(tmp_path / "default")["splits"] == {"train": 54000, "val": 6000, "test": 10000}
+
+
+@pytest.mark.parametrize("launcher,sig,group,workers", [("mpich", signal.SIGINT, True, 2),
+                                                        ("mpich", signal.SIGTERM, False, 1),
+                                                        ("openmpi", signal.SIGINT, True, 2),
+                                                        ("openmpi", signal.SIGTERM, False, 1)])
+def test_a_signal_to_the_launcher_ends_every_rank(tmp_path, folder, launcher, sig, group, workers):
+    """Ctrl-C at a terminal (SIGINT to the launcher and every rank: its process group) or a signal to the
+    launcher alone, while ``mpiexec -n 2 hpcdd-prep`` writes the shards: every rank leaves within seconds,
+    and neither the output nor a hidden temporary folder is left."""
+    out = tmp_path / "out"
+    env = env_for_tests()
+    launch = [mpiexec_path()]
+    if launcher == "openmpi":
+        if not os.path.exists("/usr/bin/mpirun.openmpi"):
+            pytest.skip("Open MPI not installed (apt-get install openmpi-bin; .ci/run does)")
+        launch = ["/usr/bin/mpirun.openmpi"]
+        env.update({"MPI4PY_MPIABI": "openmpi", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+                    "OMPI_MCA_rmaps_base_oversubscribe": "1"})
+    cmd = [*launch, "-n", "2", sys.executable, "-m", "data_prep", "imagefolder", str(folder), str(out), "--grid", "4x4",
+           "--overlap", "2", "--workers", str(workers), "--chunk-mb", "0.02", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    t0 = time.time()
+    while time.time() - t0 < 120 and proc.poll() is None:
+        if any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir()):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the conversion ended before it could be interrupted"
+    pids = [pid for pid in (_rank_pid(r, str(out)) for r in (0, 1)) if pid]
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
+    sent = time.time()
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"{launcher} still running 30 s after {sig.name}")
+    assert time.time() - sent < 10, time.time() - sent
+    deadline = time.time() + 5
+    while time.time() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{p}") for p in pids), "a rank outlived its launcher"
+    assert proc.returncode != 0
+    assert "Traceback" not in err, err[-2000:]
+    assert not out.exists() and list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())

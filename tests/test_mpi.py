@@ -296,3 +296,59 @@ def test_predict_refuses_what_does_not_fit(runs, small_data, tmp_path, fashion_d
         assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
         assert proc.stdout == ""  # refused before any work, not after printing the accuracy
     assert (run_dir / "model.pt").read_bytes() == before
+
+
+def test_predict_guards_what_it_writes_and_reads(runs, small_data, tmp_path):
+    """--output never replaces the model, the data or a user's file (--force: only earlier predictions); data
+    with the classes in another order, other pixel values or labels outside 0..K-1 are refused; the same
+    images prepared as float32 in [0, 1] predict exactly as the uint8 shards the model was trained on."""
+    import shutil
+
+    import h5py
+
+    from data_prep.cli import run
+
+    run_dir = runs[4][0]
+    model = (run_dir / "model.pt").read_bytes()
+
+    def predict(*args, data=small_data):
+        return run_python(["-m", "hpcdd.predict", str(run_dir), "--data", str(data), *map(str, args)], timeout=120)
+
+    def refused(proc, needle):
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
+        assert proc.stdout == ""
+
+    notes = tmp_path / "notes.csv"
+    notes.write_text("my,own,notes\n")
+    refused(predict("--output", run_dir / "model.pt"), "is the model being read")
+    refused(predict("--output", run_dir / "model.pt", "--force"), "is the model being read")
+    refused(predict("--output", f"{small_data}/full.h5", "--force"), "inside the prepared data")
+    refused(predict("--output", notes, "--force"), "exists and is not a predictions file of hpcdd-predict")
+    assert (run_dir / "model.pt").read_bytes() == model and notes.read_text() == "my,own,notes\n"
+    first = predict("--output", tmp_path / "p.csv")
+    require_ok(first)
+    refused(predict("--output", tmp_path / "p.csv"), "exists (earlier predictions); --force replaces it")
+    require_ok(predict("--output", tmp_path / "p.csv", "--force"))
+    accuracy = first.stdout.split("accuracy ")[1].split()[0]
+
+    with h5py.File(f"{small_data}/full.h5", "r") as f:  # the very images of small_data, as npz arrays
+        x, y, xt, yt = (f[f"{split}/{key}"][:][:, 0] if key == "x" else f[f"{split}/{key}"][:]
+                        for split in ("train", "test") for key in ("x", "y"))
+    classes = json.load(open(f"{small_data}/manifest.json"))["classes"]
+    for name, arrays in (("float01", dict(x=x / np.float32(255), y=y, x_test=xt / np.float32(255), y_test=yt,
+                                          classes=classes)),
+                         ("float255", dict(x=x.astype(np.float32), y=y, x_test=xt.astype(np.float32), y_test=yt,
+                                           classes=classes)),
+                         ("reversed", dict(x=x, y=9 - y, x_test=xt, y_test=9 - yt, classes=classes[::-1]))):
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        run(["npz", str(tmp_path / f"{name}.npz"), str(tmp_path / name), "--grid", "2x2", "--quiet"])
+    same = predict(data=tmp_path / "float01")
+    require_ok(same)
+    assert same.stdout.split("accuracy ")[1].split()[0] == accuracy, (same.stdout, first.stdout)
+    refused(predict(data=tmp_path / "float255"), "pixel values (channel 0: mean ")
+    refused(predict(data=tmp_path / "reversed"), "classes in another order: [")
+    shutil.copytree(small_data, tmp_path / "labels")
+    with h5py.File(tmp_path / "labels" / "full.h5", "r+") as f:
+        f["test/y"][5] = 10
+    refused(predict(data=tmp_path / "labels"), "test labels outside 0..9")

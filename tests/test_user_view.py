@@ -9,6 +9,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -32,9 +33,30 @@ def user_run(tmp_path_factory, fashion_dir):
         os.umask(old)
     cmd = f"umask 027 && exec {mpiexec_path()} -n 2 {sys.executable} -m hpcdd.run --data {data} --out {run} " \
           + " ".join(ARGS)
-    proc = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, timeout=400, env=env_for_tests(), cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return data, run, proc
+    proc = subprocess.Popen(["sh", "-c", cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env_for_tests(), cwd=ROOT)
+    # junk in RUN/progress while the local phase runs: progress files are advisory, the run goes on
+    t0 = time.time()
+    while time.time() - t0 < 300 and proc.poll() is None and not (run / "progress").is_dir():
+        time.sleep(0.02)
+    for name, junk in JUNK.items():
+        (run / "progress" / name).write_text(junk)
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    return data, run, subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+JUNK = {"rank_0005.json": "[1, 2, 3]", "rank_0006.json": json.dumps({"rank": 6, "phase": "local", "label": "x"}),
+        "rank_0007.json": "{not json"}
+
+
+def test_junk_progress_files_are_skipped_with_one_warning_each(user_run):
+    err = user_run[2].stderr
+    for name, why in (("rank_0005.json", "not a JSON object"), ("rank_0006.json", "rank 6 is not one of this run's 2"),
+                      ("rank_0007.json", "not a JSON object")):
+        lines = [ln for ln in err.splitlines() if f"progress/{name}: " in ln]
+        assert len(lines) == 1 and why in lines[0] and lines[0].startswith("warning: "), err[-3000:]
+    assert "Traceback" not in err
 
 
 def test_batch_log_shows_progress_of_every_rank_with_eta(user_run):
