@@ -14,7 +14,7 @@ import numpy as np
 
 from . import sources
 from .ranks import Ranks, init_ranks
-from .writer import (CHUNK_BYTES, Progress, Terminated, check_output, check_terminated, chunk_rows, chunks, terminate,
+from .writer import (CHUNK_BYTES, DiskFull, Progress, Terminated, check_output, check_terminated, chunk_rows, chunks, terminate,
                      write_dataset)
 
 
@@ -231,6 +231,10 @@ def main(argv=None) -> int:
         if ranks is not None and ranks.size > 1:
             print(f"error: rank {ranks.rank}: {e}", file=sys.stderr, flush=True)
             ranks.abort(2)
+        if isinstance(e, DiskFull):
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(2)
         fail(str(e))
     except (KeyboardInterrupt, Terminated) as e:
         code, what = (130, "interrupted") if isinstance(e, KeyboardInterrupt) else (143, "stopped by SIGTERM")

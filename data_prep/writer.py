@@ -6,12 +6,15 @@ directory that is renamed into place at the end.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
+import gc
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -176,6 +179,7 @@ class ShardFiles:
     """
 
     def __init__(self, folder: str, names: list[str], attrs: list[dict], cuts: list, margin: int, progress):
+        self.names, self.split, self.writing = names, "", "the shard files"
         self.files = [h5py.File(os.path.join(folder, name), "w", libver="latest") for name in names]
         self.cuts, self.margin, self.progress, self.shapes = cuts, margin, progress, [None] * len(names)
         self.x, self.groups = [], []
@@ -184,6 +188,7 @@ class ShardFiles:
                 f.attrs[key] = value
 
     def begin(self, name: str, n: int, item_shape, dtype) -> None:
+        self.split, self.writing = name, f"the shard files ({name} split)"
         probe = _pad(np.zeros((1,) + tuple(item_shape), dtype), self.margin)
         # The previous split's datasets stay open until this split's exist: HDF5 places the chunks
         # left in a dataset's cache when it is closed, so the bytes depend on when that happens.
@@ -198,7 +203,8 @@ class ShardFiles:
 
     def write(self, a: int, block: np.ndarray) -> None:
         padded = _pad(block, self.margin)
-        for ds, cut in zip(self.x, self.cuts):
+        for name, ds, cut in zip(self.names, self.x, self.cuts):
+            self.writing = f"{name} ({self.split} split, images {a}..{a + len(block) - 1})"
             ds[a:a + len(block)] = cut(padded)
             self.progress.update(len(block))
 
@@ -227,6 +233,35 @@ def make_splits(source: Source, val_fraction: float, seed: int, order: np.ndarra
     return splits
 
 
+@contextlib.contextmanager
+def quiet_disk_full():
+    """h5py frees its HDF5 objects in ``__dealloc__``, where a write that fails for lack of space is
+    printed as a traceback (twice: ``sys.excepthook``, then ``sys.unraisablehook``) instead of raised. The
+    failure is reported in one line by the writer; these tracebacks are left out, any other one is not."""
+    def full(e) -> bool:
+        return "No space left on device" in str(e) or "errno = 28," in str(e)
+
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+    sys.excepthook = lambda t, e, tb: None if full(e) else excepthook(t, e, tb)
+    sys.unraisablehook = lambda u: None if full(u.exc_value) else unraisablehook(u)
+    try:
+        yield
+    finally:
+        sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+
+
+class DiskFull(UserError):
+    """The output's file system filled up half-way. HDF5 still holds unflushable buffers of the removed
+    files, which its teardown at exit may crash on: the entry point leaves without it (``os._exit``)."""
+
+
+def mount_point(path: str) -> str:
+    path = os.path.realpath(path)
+    while not os.path.ismount(path):
+        path = os.path.dirname(path)
+    return path
+
+
 class Terminated(BaseException):
     """SIGTERM (scancel, a killed job): unwinds like Ctrl-C so the partial output is removed."""
 
@@ -247,6 +282,7 @@ def check_terminated() -> None:
         raise Terminated()
 
 
+@quiet_disk_full()
 def write_dataset(source: Source, out: str, grid, overlap: int, margin: int, val_fraction: float,
                   seed: int, force: bool = False, full: bool = True, progress: bool | None = None,
                   ranks: Ranks | None = None, order: np.ndarray | None = None, extra: dict | None = None,
@@ -319,10 +355,15 @@ def write_dataset(source: Source, out: str, grid, overlap: int, margin: int, val
             check_terminated()
             _move_into_place(tmp, out, parent)
     except OSError as e:
+        writing = files.writing if files else "the output folder"
+        failed = re.search(r"filename = '([^']+)'", str(e))  # HDF5 reports a cached chunk's file late
+        if failed and files and not writing.startswith(os.path.basename(failed.group(1))):
+            writing = f"{os.path.basename(failed.group(1))} (found while writing {writing})"
         _discard(files, tmp, bar)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"{out}: no space left on its file system while writing ({e.strerror}); nothing was "
-                            f"written, free space and run again") from None
+        if e.errno in (errno.ENOSPC, errno.EDQUOT) or "errno = 28," in str(e):  # HDF5 words ENOSPC its own way
+            raise DiskFull(f"{out}: the file system at {mount_point(parent)} filled up while writing {writing} "
+                           f"(No space left on device); nothing was written (partial files removed): free space "
+                           f"and run again") from None
         raise
     except BaseException:
         _discard(files, tmp, bar)
@@ -338,10 +379,11 @@ def _discard(files, tmp, bar) -> None:
     try:
         bar.close()
         if files:
-            try:
+            try:  # an HDF5 file on a full disk cannot close cleanly (nor its datasets): it is deleted anyway
                 files.close()
-            except Exception:  # an HDF5 file on a full disk may not close cleanly; it is deleted anyway
+            except Exception:
                 pass
+            gc.collect()
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     finally:

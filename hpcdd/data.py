@@ -41,6 +41,11 @@ def stream_plan(manifest: Manifest, indices, split: str, memory_limit: int) -> S
     return StreamPlan(STREAM_BLOCK, window)
 
 
+def _identity(path: str) -> tuple:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def ids_digest(ids: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(ids, dtype="<i8").tobytes()).hexdigest()
 
@@ -53,7 +58,7 @@ class ShardReader:
         self.data_dir = manifest.data_dir
         self.index = index
         self.path = manifest.shard_path(index)
-        self._file = None
+        self._file, self._identity = None, None
 
     def open(self):
         """Open read-only in this process (call after any fork)."""
@@ -68,6 +73,10 @@ class ShardReader:
             except OSError as e:
                 raise UserError(f"{self.path}: not a readable HDF5 file ({_short(e)})") from None
             prep_id = prep_id.decode() if isinstance(prep_id, bytes) else prep_id
+            self._identity = _identity(self.path)
+            if self.manifest.opened.setdefault(self.path, self._identity) != self._identity:
+                self.close()
+                raise UserError(self._changed())
             if prep_id is not None and prep_id != self.manifest.prep_id:
                 self.close()
                 raise UserError(f"{self.path}: holds prep id {prep_id} but the manifest says {self.manifest.prep_id}: "
@@ -79,6 +88,21 @@ class ShardReader:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+    def check_unchanged(self) -> None:
+        """The file is still the one this run opened (inode, size, modification time): a shard copied
+        over, or rewritten, while a run reads it would mix two datasets silently."""
+        try:
+            now = _identity(self.path)
+        except OSError:
+            now = None
+        if now != self._identity:
+            raise UserError(self._changed())
+
+    def _changed(self) -> str:
+        return (f"{self.path}: changed on disk since this run first opened it (another file copied over it, or it "
+                f"was rewritten); stopped so results do not mix two datasets: prepare into a new folder and "
+                f"start a new run")
 
     def __enter__(self):
         self.open()
@@ -167,6 +191,7 @@ class ShardReader:
         n = g["x"].shape[0]
         for a in range(0, n, rows_per_read):
             alive()
+            self.check_unchanged()
             yield g["x"][a:a + rows_per_read], g["y"][a:a + rows_per_read], g["sample_id"][a:a + rows_per_read]
 
     def nbytes(self, split: str) -> int:
@@ -175,6 +200,7 @@ class ShardReader:
 
     def _group(self, split: str):
         f = self.open()
+        self.check_unchanged()
         if split not in f:
             raise UserError(f"{self.path}: missing split group {split!r}")
         return f[split]

@@ -9,7 +9,15 @@ import json
 
 import numpy as np
 
+from . import extras
+
 _SCALARS = ("loss", "train_acc", "val_acc", "lr", "images_per_s", "seconds", "comm_seconds")
+
+
+def _summary_writer():
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter
 
 
 class EventLog:
@@ -18,10 +26,7 @@ class EventLog:
         self.enabled = enabled
         self.writer = None
         if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # the optional extra is not installed: metrics.jsonl only
-                SummaryWriter = None
+            SummaryWriter = extras.load("tensorboard", _summary_writer)  # None: metrics.jsonl only
             if SummaryWriter is not None:
                 self.writer = SummaryWriter(layout.tensorboard)
 

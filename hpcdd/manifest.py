@@ -88,6 +88,9 @@ class Manifest:
     shards: tuple[str, ...]
     full: str | None
     raw: dict = field(default_factory=dict, compare=False, repr=False)
+    # each shard file's identity when this process first opened it (data.ShardReader): a file copied
+    # over it later is refused whenever it is read again
+    opened: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def n(self) -> int:

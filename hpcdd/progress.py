@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from . import checkpoint
+from . import checkpoint, extras
 from .errors import UserError
 from .watchdog import alive
 
@@ -96,6 +96,12 @@ def _count(v) -> bool:
 
 def _seconds(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+
+
+def _tqdm():
+    from tqdm import tqdm
+
+    return tqdm
 
 
 class Progress:
@@ -233,9 +239,8 @@ class Progress:
         return phase_eta + self.plan.remaining_after(self.phase, self.phases) / rate
 
     def _bar(self, c: dict) -> None:
-        try:
-            from tqdm import tqdm
-        except ImportError:
+        tqdm = extras.load("tqdm", _tqdm)
+        if tqdm is None:
             return
         if self.bar is None or self.bar.desc != f"[{self.phase}] {c['label']} epoch {c['epoch'] + 1}/{c['epochs']}":
             if self.bar is not None:

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from . import __version__, checkpoint, export
+from . import __version__, checkpoint, export, extras
 from .data import ShardReader
 
 
@@ -126,6 +126,8 @@ def markdown(results: dict) -> str:
     for method in kept_start:
         lines.append(f"{method} never beat its starting point on validation: the row is the model it started from; "
                      f"its training time bought no improvement.")
+    for extra, why in (r.get("skipped_extras") or {}).items():
+        lines.append(f"Skipped the optional extra {extra}: installed but fails to import ({why}).")
     exported = r.get("exported_model")
     if exported:
         lines.append(f"Exported to model.pt (for hpcdd-predict): {exported['method']}, the CNN-DNN with the best "
@@ -146,14 +148,19 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plots(ctx, results: dict) -> list[str]:
     """Test accuracy per method, training curves per phase, one image with the grid drawn on it."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = extras.load("matplotlib", _pyplot)
+    if plt is None:
         return []
     out = ctx.layout.plots
     os.makedirs(out, exist_ok=True)
@@ -260,6 +267,7 @@ def write_report(ctx) -> dict:
     results["exported_model"] = None if exported is None else {"path": "model.pt", "method": exported["method"],
                                                                "val": exported["val"]}
     results["plots"] = [os.path.relpath(p, ctx.layout.root) for p in plots(ctx, results)]
+    results["skipped_extras"] = extras.skipped()  # after plots: matplotlib is imported there
     checkpoint.write_json(results, ctx.layout.results_json)
     text = markdown(results)
     checkpoint.write_text(text, ctx.layout.results_md)

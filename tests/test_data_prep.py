@@ -392,6 +392,40 @@ def test_full_disk_is_refused_before_writing(small_disk, fashion_small, tmp_path
     assert os.listdir(small_disk) == []
 
 
+def test_a_disk_that_fills_while_writing_is_one_line(tmp_path, fashion_dir):
+    """The up-front space check passes, then another process fills the file system while the shards are
+    written: exit 2, one line naming the file system and the file, nothing left (no hidden folder); HDF5's
+    unflushable buffers must not crash the process at exit (it did: exit 139)."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import env_for_tests
+
+    disk = next(fs := mounted_tmpfs(tmp_path, "48m"))
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "data_prep", "idx", fashion_dir, str(disk / "out"), "--grid",
+                                 "2x2", "--max-train", "5000", "--quiet"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env_for_tests())
+        t0 = time.time()
+        while time.time() - t0 < 60 and proc.poll() is None and not any(
+                (p / "sub_000.h5").exists() for p in disk.iterdir() if p.name.startswith(".out.tmp-")):
+            time.sleep(0.002)
+        with open(disk / "filler", "wb") as f:  # another user's job fills the disk
+            try:
+                f.write(b"\0" * (40 << 20))
+            except OSError:
+                pass
+        _, err = proc.communicate(timeout=120)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert proc.returncode == 2 and len(lines) == 1, err[-3000:]
+        assert lines[0].startswith(f"error: {disk}/out: the file system at {disk} filled up while writing "), lines
+        assert ".h5" in lines[0] and "nothing was written" in lines[0], lines
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+    finally:
+        next(fs, None)
+
+
 def test_image_folder_conventions_match_torchvision(tmp_path):
     """Extensions and class discovery are torchvision's ImageFolder's (kept in data_prep, not imported)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes

@@ -411,6 +411,32 @@ def test_data_prepared_again_during_a_run_stops_it(fashion_dir, tmp_path):
         assert at_phase.group(1) not in json.load(open(os.path.join(run, "state.json")))["phases"]
 
 
+@pytest.mark.parametrize("streamed", [True, False])
+def test_a_shard_copied_over_during_a_run_is_refused_when_read_again(fashion_dir, tmp_path, streamed):
+    """Another preparation's sub_001.h5 copied over the one a run reads (in place: same inode, as cp does),
+    while the local phase trains on it, streamed (read window by window) or in memory (read again by
+    the aggregate phase): the run stops with one line naming the shard, never trains or scores on a mix."""
+    import shutil
+
+    from tests.conftest import prepare
+
+    data, other = tmp_path / "data", tmp_path / "other"
+    prepare(fashion_dir, data)
+    prepare(fashion_dir, other, extra=["--seed", "1"])
+    run = str(tmp_path / "run")
+    extra = ["--set", "memory_limit_gb=0.0005"] if streamed else []
+    proc = start(["--data", str(data), "--out", run, *CFG, "--set", "local.epochs=6", *extra])
+    wait_for(proc, lambda: trained_an_epoch(run, "sub_001*.ckpt.pt") or trained_an_epoch(run, "group_*.ckpt.pt"))
+    ino = os.stat(data / "sub_001.h5").st_ino
+    shutil.copyfile(other / "sub_001.h5", data / "sub_001.h5")
+    assert os.stat(data / "sub_001.h5").st_ino == ino  # rewritten in place, not replaced
+    code, out, err = finish(proc, 300)
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("Abort(")]  # MPICH's own line
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, (code, err[-3000:])
+    assert f"{data}/sub_001.h5: changed on disk since this run first opened it" in lines[0], lines[0]
+    assert not os.path.exists(os.path.join(run, "results.json"))
+
+
 @pytest.fixture()
 def disk(tmp_path):
     """A 90 MB tmpfs."""

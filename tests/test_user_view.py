@@ -118,3 +118,31 @@ def test_report_names_the_exported_model(user_run):
     for r in res["rows"]:
         if r.get("best_epoch") == 0:
             assert f"{r['method']} never beat its starting point" in md
+
+
+def test_a_broken_optional_extra_costs_one_warning_not_the_run(tmp_path, fashion_dir):
+    """tensorboard and matplotlib installed but failing to import (a real broken package first on
+    PYTHONPATH, as a protobuf mismatch breaks tensorboard): one warning each, the run ends normally, and
+    the report says what it skipped."""
+    broken = tmp_path / "broken"
+    for name in ("tensorboard", "matplotlib"):
+        (broken / name).mkdir(parents=True)
+        (broken / name / "__init__.py").write_text(
+            "raise TypeError('Descriptors cannot be created directly.\\nIf this call came from a _pb2.py file')\n")
+    data, run = tmp_path / "data", tmp_path / "run"
+    prepare(fashion_dir, data, train=600, test=200)
+    env = env_for_tests(PYTHONPATH=f"{broken}:{ROOT}")
+    proc = subprocess.run([sys.executable, "-m", "hpcdd.run", "--data", str(data), "--out", str(run),
+                           "--phases", "local,aggregate,report", *ARGS], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("warning: optional extra")]
+    assert len(warnings) == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for name in ("tensorboard", "matplotlib"):
+        assert any(f"extra {name} is installed but fails to import (TypeError: Descriptors cannot be created "
+                   f"directly.)" in w for w in warnings), warnings
+    res = json.load(open(run / "results.json"))
+    assert set(res["skipped_extras"]) == {"tensorboard", "matplotlib"} and res["plots"] == []
+    md = (run / "results.md").read_text()
+    assert "Skipped the optional extra tensorboard: installed but fails to import (TypeError: " in md
+    assert not (run / "tensorboard").exists()
