@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import fcntl
 import gc
 import hashlib
 import json
@@ -311,14 +312,16 @@ def write_dataset(source: Source, out: str, grid, overlap: int, margin: int, val
     ranks.agree(lambda: check_space(out, output_bytes(deco, splits, margin, shape0, dtype, full)))
     rows = chunk_rows(shape0, dtype.itemsize, chunk_bytes)
     stats = ChannelStats(shape0[0], scale)
-    tmp = files = None
+    tmp = files = owner = None
     names = [shard_name(i) for i in range(deco.n)] + ([FULL_NAME] if full else [])
     bar = Progress(sum(len(s.y) for s in splits.values()) * len(names), f"writing {deco.n} shards",
                    progress if ranks.is_root else False)
     parent = os.path.dirname(os.path.abspath(out))
     try:
         if ranks.is_root:
+            remove_leftovers(out, say=progress is not False)
             tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.tmp-", dir=parent)
+            owner = take_ownership(tmp)
             os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would survive the rename
             common = {"format_version": FORMAT_VERSION, "grid": list(deco.grid), "overlap": overlap,
                       "margin": margin, "prep_id": prep_id, "image_shape": list(shape0),
@@ -353,6 +356,7 @@ def write_dataset(source: Source, out: str, grid, overlap: int, margin: int, val
                 os.fsync(f.fileno())
             bar.close()
             check_terminated()
+            os.unlink(os.path.join(tmp, OWNER))  # not part of the output; the lock holds until owner is closed
             _move_into_place(tmp, out, parent)
     except OSError as e:
         writing = files.writing if files else "the output folder"
@@ -368,6 +372,9 @@ def write_dataset(source: Source, out: str, grid, overlap: int, margin: int, val
     except BaseException:
         _discard(files, tmp, bar)
         raise
+    finally:
+        if owner is not None:
+            owner.close()
     return ranks.bcast(manifest)
 
 
@@ -388,6 +395,51 @@ def _discard(files, tmp, bar) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+
+
+OWNER = ".owner"  # in a temporary output folder: locked (flock) by the process writing it
+STALE_AFTER = 3600.0  # seconds after which a temporary folder without a lock of its own is left over
+
+
+def take_ownership(tmp: str):
+    """Hold an exclusive lock on ``tmp/.owner`` while writing: a later preparation of the same OUT then
+    tells a live writer's folder from one a killed writer left behind (the kernel drops a dead
+    process's locks). Returns the open file; closing it releases the lock."""
+    f = open(os.path.join(tmp, OWNER), "w")
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return f
+
+
+def leftovers(out: str) -> list[str]:
+    """Hidden folders an interrupted preparation of ``out`` left beside it (``.OUT.tmp-*`` of a writer
+    that is gone, ``.OUT.old-*`` of a replacement cut short), which no live process writes."""
+    parent, base = os.path.dirname(os.path.abspath(out)), os.path.basename(os.path.abspath(out))
+    found = []
+    for name in sorted(os.listdir(parent)):
+        path = os.path.join(parent, name)
+        if not (name.startswith(f".{base}.tmp-") or name.startswith(f".{base}.old-")) or not os.path.isdir(path):
+            continue
+        try:
+            with open(os.path.join(path, OWNER)) as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken: its writer is gone
+        except BlockingIOError:
+            continue  # a live preparation writes it
+        except OSError:
+            try:
+                if time.time() - os.stat(path).st_mtime < STALE_AFTER:
+                    continue  # no lock file (yet, or a replacement under way): judged by age
+            except OSError:
+                continue
+        found.append(path)
+    return found
+
+
+def remove_leftovers(out: str, say: bool) -> None:
+    for path in leftovers(out):
+        shutil.rmtree(path, ignore_errors=True)
+        if say:
+            print(f"data_prep: removed {path}, left by an interrupted preparation of {out}", file=sys.stderr,
+                  flush=True)
 
 
 def _move_into_place(tmp: str, out: str, parent: str) -> None:

@@ -41,5 +41,11 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one line (no usage dump) with exit status 2."""
 
     def error(self, message: str):
-        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr, flush=True)
+        """Every rank of a launcher parses the same arguments and fails the same way: rank 0 says it."""
+        import os
+
+        from .launcher import world_info
+
+        if world_info(os.environ).rank == 0:
+            print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USER_ERROR)

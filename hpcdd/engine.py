@@ -21,6 +21,7 @@ import torch
 
 from . import checkpoint
 from .errors import UserError
+from .watchdog import slow_step
 
 
 class TrainingDiverged(UserError):
@@ -284,7 +285,11 @@ def train(loop: Loop, state, device):
                 _save(loop, states)
                 raise Preempted()
             t_step = time.perf_counter() if step == first else None
-            step_loss, step_correct, rows = loop.step(epoch, step, batches[step])
+            if t_step is not None and epoch == start:
+                with slow_step("its first training step (torch.compile compiles in it)"):
+                    step_loss, step_correct, rows = loop.step(epoch, step, batches[step])
+            else:
+                step_loss, step_correct, rows = loop.step(epoch, step, batches[step])
             if t_step is not None and epoch == start:
                 # the first step of each start: torch.compile compiles in it (reported per training)
                 for s in states:

@@ -56,6 +56,22 @@ class EventLog:
             self.writer = None
 
 
+_TRAINING_KEYS = ("subdomain", "strategy", "model")
+
+
+def epoch_records(path: str) -> list[dict]:
+    """The epoch records of a metrics.jsonl, each training's epoch once. A resumed training appends the
+    epochs it trains again after its checkpoint (the file is a log, never rewritten): the last record of
+    a (phase, training, epoch) is the one its results and weights hold, and earlier ones are dropped."""
+    latest: dict = {}
+    with open(path) as f:
+        for line in f:
+            e = json.loads(line)
+            if "epoch" in e and "phase" in e and e.get("event") is None:
+                latest[(e["phase"],) + tuple(e.get(k) for k in _TRAINING_KEYS) + (e["epoch"],)] = e
+    return list(latest.values())
+
+
 def decomposition_picture(image: np.ndarray, boxes, margin: int = 0) -> np.ndarray:
     """A stored sample (C, *spatial[+2 margin]) as an (H, W, 3) uint8 picture with every subdomain's
     box drawn in its own colour (the middle slice of a volume)."""

@@ -7,7 +7,14 @@ joining names by hand, so the layout can change in one place.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
+
+
+# every top-level entry of RUN that hpcdd-run writes
+RUN_ENTRIES = frozenset({"config.json", "state.json", "metrics.jsonl", "ranks.json", "FAILED", "FAILED.previous",
+                         "LOCK", ".reserve", "results.json", "results.md", "progress", "tensorboard", "plots",
+                         "model.pt", "local", "aggregate", "coherent", "global"})
 
 
 def _at(*parts: str) -> property:
@@ -37,6 +44,13 @@ class RunLayout:
     tensorboard = _at("tensorboard")
     plots = _at("plots")
     model = _at("model.pt")  # the exported CNN-DNN (hpcdd.export)
+
+    def foreign(self) -> list[str]:
+        """What RUN holds that hpcdd-run did not write (``--force`` replaces only a run's own entries)."""
+        def ours(name: str) -> bool:
+            temporary = re.fullmatch(r"\.(.+)\.\w+\.tmp", name)  # an atomic write cut short (checkpoint.py)
+            return name in RUN_ENTRIES or bool(temporary and temporary.group(1) in RUN_ENTRIES)
+        return sorted(n for n in os.listdir(self.root) if not ours(n))
 
     # phase directories
     def phase_dir(self, phase: str, *sub: str) -> str:

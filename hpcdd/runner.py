@@ -8,9 +8,11 @@ waiting in a collective.
 from __future__ import annotations
 
 import importlib
+import glob
 import json
 import os
 import platform
+import re
 
 import numpy as np
 import shutil
@@ -87,10 +89,13 @@ def inside(path: str, folder: str) -> bool:
 
 
 def is_run_dir(path: str) -> bool:
-    """A directory hpcdd-run created: its config.json says so."""
+    """A directory hpcdd-run created: a config.json that hpcdd's marker says it wrote, and its state.json."""
+    layout = RunLayout(path)
     try:
-        with open(RunLayout(path).config) as f:
-            return str(json.load(f).get("meta", {}).get("tool", "")).startswith("hpcdd")
+        with open(layout.config) as f:
+            marked = str(json.load(f).get("meta", {}).get("tool", "")).startswith("hpcdd")
+        with open(layout.state) as f:
+            return marked and isinstance(json.load(f).get("phases", {}), dict)
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -100,9 +105,16 @@ def check_replaceable(out: str, data: str) -> None:
     if data and inside(data, out):
         raise UserError(f"--out {out} --force: {out} is or holds the data directory {data}; nothing was deleted, "
                         f"choose another run directory")
-    if os.listdir(out) and not is_run_dir(out):
-        raise UserError(f"--out {out} --force: not an hpcdd run directory (no config.json written by hpcdd-run); "
-                        f"--force replaces only runs, nothing was deleted")
+    if not os.listdir(out):
+        return
+    if not is_run_dir(out):
+        raise UserError(f"--out {out} --force: not an hpcdd run directory (no config.json and state.json written by "
+                        f"hpcdd-run); --force replaces only runs, nothing was deleted")
+    foreign = RunLayout(out).foreign()
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(f"--out {out} --force: {out} holds {listed}, which hpcdd-run did not write; nothing was "
+                        f"deleted (move them out, or choose another run directory)")
 
 
 def write_problem(folder: str) -> str | None:
@@ -160,11 +172,20 @@ def check_disk(cfg: Config, manifest: Manifest) -> None:
                         f"run need about {need / 1e6:.0f} MB; free space or choose another directory")
 
 
-def check_resume(cfg: Config, manifest: Manifest) -> None:
-    meta = checkpoint.read_json(RunLayout(cfg.out).config).get("meta", {})
+def check_resume(cfg: Config, manifest: Manifest, ranks: int) -> None:
+    layout = RunLayout(cfg.out)
+    meta = checkpoint.read_json(layout.config).get("meta", {})
     if meta.get("prep_id") and meta["prep_id"] != manifest.prep_id:
         raise UserError(f"--resume {cfg.out}: the run was trained on data with prep id {meta['prep_id']} but "
                         f"{cfg.data} now has {manifest.prep_id}; the shards were prepared again")
+    # the coherent phase's checkpoints hold one rank's share each (written by all ranks at the same steps);
+    # every other phase's are per subdomain, which any rank count can resume
+    held = glob.glob(os.path.join(glob.escape(cfg.out), "coherent", "*", "rank_*.ckpt.pt*"))
+    written = {int(m.group(1)) for m in (re.search(r"rank_(\d+)\.ckpt\.pt", p) for p in held) if m}
+    if written and max(written) + 1 != ranks:
+        raise UserError(f"--resume {cfg.out}: the run was interrupted in the coherent phase on {max(written) + 1} "
+                        f"ranks, whose checkpoints (coherent/*/rank_*.ckpt.pt) hold one rank's share each; resume it "
+                        f"with {max(written) + 1} ranks, not {ranks}")
 
 
 def check_shared(cfg: Config, world: World, layout: RunLayout, resume: bool) -> None:
@@ -211,7 +232,7 @@ def prepare(cfg: Config, world: World, resume: bool = False, force: bool = False
         state = _check_run_dir(cfg, resume, force)
         check_disk(cfg, manifest)
         if resume:
-            check_resume(cfg, manifest)
+            check_resume(cfg, manifest, world.size)
         if world.is_root and os.path.isdir(cfg.out):  # one judge: liveness on another host is a guess
             check_unlocked(RunLayout(cfg.out), f"--resume {cfg.out}" if resume else f"--out {cfg.out} --force")
         return manifest, state

@@ -16,6 +16,7 @@ out. Rank 0's thread also refreshes RUN/LOCK (every two seconds), which says whi
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import faulthandler
 import json
@@ -36,6 +37,30 @@ LOCK_STALE = 20.0  # a lock of another host not refreshed for this long belongs 
 def alive() -> None:
     """This rank made progress (a step, a batch of inference, a phase start): cheap, call it often."""
     _last_progress[0] = time.time()
+
+
+_slow: list = [None]  # (what, since) while a step known to be slow runs: see slow_step
+SLOW_STEP_LIMIT = 1800.0  # seconds such a step counts as progress; past it the watchdog judges it as any other
+
+
+@contextlib.contextmanager
+def slow_step(what: str):
+    """A training's first step, in which ``torch.compile`` compiles (20-60 s per model on a CPU, minutes
+    for large ones): it counts as progress for up to ``SLOW_STEP_LIMIT`` seconds, so a long compilation is
+    not taken for a deadlock; should it hang past that, the watchdog's message says what was running."""
+    _slow[0] = (what, time.time())
+    alive()
+    try:
+        yield
+    finally:
+        _slow[0] = None
+        alive()
+
+
+def progress_time(now: float) -> float:
+    """When this rank last made progress; a slow step within its limit is progress now."""
+    slow = _slow[0]
+    return now if slow is not None and now - slow[1] < SLOW_STEP_LIMIT else _last_progress[0]
 
 
 def beat_interval(timeout: float) -> float:
@@ -78,7 +103,7 @@ class Watchdog:
 
     def _write(self, now: float) -> None:
         try:
-            checkpoint.write_json({"rank": self.world.rank, "beat": now, "progress": _last_progress[0],
+            checkpoint.write_json({"rank": self.world.rank, "beat": now, "progress": progress_time(now),
                                    "phase": self.where}, self.path(self.world.rank))
         except (OSError, UserError):
             pass  # a full or stuck file system must not kill the thread that reports it
@@ -109,10 +134,10 @@ class Watchdog:
                 continue
             written = now
             self._write(now)
-            if self.timeout <= 0 or now - _last_progress[0] < self.timeout:
+            if self.timeout <= 0 or now - progress_time(now) < self.timeout:
                 continue
             beats = self._read()
-            latest = max([b.get("progress", 0.0) for b in beats.values()] + [_last_progress[0]])
+            latest = max([b.get("progress", 0.0) for b in beats.values()] + [progress_time(now)])
             if now - latest >= self.timeout:
                 self._fire(now, beats)
                 return
@@ -140,6 +165,9 @@ class Watchdog:
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         what = (f"silent (no heartbeat for {3 * self.beat:.0f} s): {describe(silent, self.procs)}" if silent else
                 "every rank is alive but none completes a step (a deadlock or a stuck collective)")
+        slow = _slow[0]
+        if slow is not None:
+            what += f"; rank {self.world.rank} has been in {slow[0]} for {now - slow[1]:.0f} s"
         message = (f"hpcdd: no rank made progress for {self.timeout:.0f} s (watchdog_timeout){' in ' + self.where if self.where else ''}; "
                    f"{what}; stacks of the live ranks in {self.layout.progress}/stack_*.txt; ending the job")
         # let the other live ranks dump their stacks too, then the lowest live rank ends the job
@@ -177,8 +205,27 @@ def lock_owner(layout) -> dict | None:
             return None
         except (PermissionError, KeyError, ValueError, TypeError):
             pass
+        try:
+            started = process_started(int(owner["pid"]))
+        except (KeyError, ValueError, TypeError):
+            started = None
+        if started is not None and owner.get("started") is not None and started != owner["started"]:
+            return None  # the pid now belongs to another process (the run's died, the number was reused)
         return owner
     return owner if age < LOCK_STALE else None
+
+
+def process_started(pid: int) -> str | None:
+    """When process ``pid`` started (boot id and clock ticks since boot, from /proc): with the pid, it
+    names one process, also after the pid is reused. None where /proc does not say."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return f"{boot}:{fields[19]}"
+    except (OSError, IndexError):
+        return None
 
 
 def describe_owner(owner: dict) -> str:
@@ -189,13 +236,13 @@ def check_unlocked(layout, what: str) -> None:
     owner = lock_owner(layout)
     if owner is not None:
         raise UserError(f"{what}: {layout.root} is in use by a running hpcdd-run ({describe_owner(owner)}); "
-                        f"wait for it to end or stop it first")
+                        f"wait for it to end or stop it first (if no hpcdd-run uses it, delete {layout.lock})")
 
 
 def acquire(layout, what: str) -> None:
     """Rank 0: create RUN/LOCK (exclusively; a stale lock is replaced)."""
     owner = {"host": platform.node(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-             "taken": time.time()}
+             "taken": time.time(), "started": process_started(os.getpid())}
     for _ in range(2):
         try:
             fd = os.open(layout.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)

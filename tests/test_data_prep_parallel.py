@@ -276,3 +276,27 @@ def test_a_signal_to_the_launcher_ends_every_rank(tmp_path, folder, launcher, si
     assert proc.returncode != 0
     assert "Traceback" not in err, err[-2000:]
     assert not out.exists() and list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def test_a_killed_preparation_leaves_nothing_for_long(tmp_path, folder):
+    """A writer SIGKILLed half-way leaves its hidden .OUT.tmp-* folder (nothing can run in a killed process):
+    the next preparation of the same OUT removes it and says so, but never one a live writer holds."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "data_prep", "imagefolder", str(folder), str(out), "--grid", "4x4", "--workers", "1",
+           "--chunk-mb", "0.02", "--quiet"]
+    live = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env_for_tests())
+    t0 = time.time()
+    while time.time() - t0 < 120 and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]:
+        time.sleep(0.01)
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+    assert len(left) == 1 and live.poll() is None
+    from data_prep.writer import leftovers
+
+    assert leftovers(str(out)) == []  # a live writer holds it
+    live.kill()
+    live.communicate()
+    assert leftovers(str(out)) == [str(left[0])]
+    proc = run_python(["-m", "data_prep", "imagefolder", str(folder), str(out), "--grid", "2x2"], timeout=300)
+    require_ok(proc)
+    assert f"data_prep: removed {left[0]}, left by an interrupted preparation of {out}" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not (out / ".owner").exists()

@@ -157,6 +157,13 @@ def test_sigkill_at_several_points_then_resume_is_bit_identical(small_data, refe
     assert code == 0, err[-3000:]
     assert ("coherent", "scratch", epoch, 0) in resumes(run), resumes(run)
     assert_identical(reference, run)
+    # metrics.jsonl holds the epochs trained again after each resume; the last record of each is the reference's
+    from hpcdd.events import epoch_records
+
+    def records(r):
+        return sorted((json.dumps(strip(e), sort_keys=True) for e in epoch_records(os.path.join(r, "metrics.jsonl"))))
+
+    assert records(run) == records(reference)
 
 
 def test_sigusr1_to_one_rank_checkpoints_all_and_resumes_identically(small_data, reference, tmp_path):
@@ -435,6 +442,24 @@ def test_a_shard_copied_over_during_a_run_is_refused_when_read_again(fashion_dir
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, (code, err[-3000:])
     assert f"{data}/sub_001.h5: changed on disk since this run first opened it" in lines[0], lines[0]
     assert not os.path.exists(os.path.join(run, "results.json"))
+
+
+def test_a_resume_on_another_rank_count_is_refused_at_start(small_data, tmp_path):
+    """Killed in the coherent phase on 2 ranks (its checkpoints hold one rank's share each), resumed on 4:
+    refused before any training with the reason, not at the coherent phase with another one."""
+    run = str(tmp_path / "run")
+    proc = start(["--data", small_data, "--out", run, *CFG, "--set", "coherent.scratch.epochs=20"])
+    wait_for(proc, lambda: glob.glob(os.path.join(run, "coherent", "scratch", "rank_0001.ckpt.pt")))
+    kill_all(proc)
+    proc.communicate()
+    t0 = time.time()
+    resumed = run_python(["-m", "hpcdd.run", "--resume", run, "--threads", "1"], ranks=4, timeout=120)
+    lines = [ln for ln in resumed.stderr.splitlines() if ln.strip()]
+    assert resumed.returncode == 2 and len(lines) == 1, resumed.stderr[-3000:]
+    assert (f"--resume {run}: the run was interrupted in the coherent phase on 2 ranks, whose checkpoints "
+            f"(coherent/*/rank_*.ckpt.pt) hold one rank's share each; resume it with 2 ranks, not 4") in lines[0]
+    assert "[local]" not in resumed.stdout and time.time() - t0 < 60
+    require_ok(run_python(["-m", "hpcdd.run", "--resume", run, "--threads", "1"], ranks=2, timeout=300))
 
 
 @pytest.fixture()

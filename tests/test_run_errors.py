@@ -91,6 +91,14 @@ def corpus(small_data, tmp_path_factory, fashion_dir):
     d["userdir"] = base / "userdir"
     d["userdir"].mkdir()
     (d["userdir"] / "thesis.tex").write_text("years of work")
+    d["copied"] = base / "proj"  # a user's project that merely holds a copy of a run's config.json and state.json
+    (d["copied"] / "src").mkdir(parents=True)
+    (d["copied"] / "src" / "notes.txt").write_text("my notes")
+    (d["copied"] / "config.json").write_text(json.dumps(dict(cfg, meta={"tool": "hpcdd 0.1.0"})))
+    (d["copied"] / "state.json").write_text(json.dumps({"phases": {}}))
+    d["config_only"] = base / "config_only"
+    d["config_only"].mkdir()
+    shutil.copy(d["copied"] / "config.json", d["config_only"] / "config.json")
     d["data_parent"] = base / "data_parent"
     shutil.copytree(small_data, d["data_parent"] / "data")
     run_bad = base / "run_on_truncated_data"
@@ -134,6 +142,7 @@ CASES = [
     ("transfer without local", ["--phases", "coherent"], "needs the local and aggregate phases", None),
     ("aggregate without local", ["--phases", "aggregate"], "needs the local phase", None),
     ("unknown option", ["--bogus"], "unrecognized arguments: --bogus", None),
+    ("unknown option on 4 ranks", ["--bogus"], "unrecognized arguments: --bogus", 4),  # said once, by rank 0
     ("no cuda", ["--device", "cuda"], "device 'cuda' requested but no CUDA device", 2),
     ("too many ranks", [], "6 ranks fit neither rule for 4 subdomains", 6),
     ("config file key", ["--config", "{bad_toml}"], "bad.toml: unknown config key 'local.learning_rate'", None),
@@ -155,6 +164,10 @@ CASES = [
     ("inf pixels", ["--data", "{nan}"], "contains NaN or Inf pixels", 2),
     ("run exists", ["--out", "{run}"], "already exists", 2),
     ("force on a user folder", ["--out", "{userdir}", "--force"], "--force: not an hpcdd run directory", 2),
+    ("force on a folder with a copied config", ["--out", "{copied}", "--force"],
+     "--force: {copied} holds src, which hpcdd-run did not write; nothing was deleted", 2),
+    ("force on a folder with only a config", ["--out", "{config_only}", "--force"],
+     "--force: not an hpcdd run directory", None),
     ("force on the data directory", ["--out", "{good}", "--force"], "is or holds the data directory", 2),
     ("force on a parent of the data", ["--data", "{data_parent}/data", "--out", "{data_parent}", "--force"],
      "is or holds the data directory", None),
@@ -174,7 +187,7 @@ def test_bad_input(corpus, tmp_path, name, args, needle, ranks):
         args = ["--data", paths["good"]] + args
     if "--out" not in args and "--resume" not in args:
         args = ["--out", str(tmp_path / "run")] + args
-    kept = ("run", "run_bad", "userdir", "data_parent", "good")
+    kept = ("run", "run_bad", "userdir", "data_parent", "good", "copied", "config_only")
     before = [snapshot(corpus[k]) for k in kept]
     proc = hpcdd_run(*args, "--threads", "1", ranks=ranks)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]

@@ -1,6 +1,8 @@
 """Models, aggregators, configuration and counter-based randomness."""
 
 import math
+import os
+import time
 
 import numpy as np
 import pytest
@@ -230,3 +232,88 @@ def test_inference_copy_folds_batchnorm_and_computes_the_same(family, spatial, m
         torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+class _World:
+    """The little of a World the watchdog uses; abort records instead of ending the process."""
+
+    rank, size, is_root = 0, 1, True
+
+    def __init__(self):
+        self.aborted = []
+
+    def abort(self, code, message):
+        self.aborted.append((code, message))
+
+
+def test_a_slow_first_step_is_progress_within_its_limit(tmp_path, monkeypatch):
+    """torch.compile compiling a first step for longer than watchdog_timeout is not a deadlock; past
+    SLOW_STEP_LIMIT the watchdog fires and says what was running."""
+    from hpcdd import watchdog
+    from hpcdd.layout import RunLayout
+
+    layout = RunLayout(str(tmp_path))
+    os.makedirs(layout.progress)
+    world = _World()
+    monkeypatch.setattr(os, "_exit", lambda code: world.aborted.append((code, "exit")))  # the watchdog's last word
+    dog = watchdog.Watchdog(layout, world, timeout=1.0).start()
+    try:
+        with watchdog.slow_step("its first training step (torch.compile compiles in it)"):
+            time.sleep(3.5)
+        assert world.aborted == []
+        monkeypatch.setattr(watchdog, "SLOW_STEP_LIMIT", 0.5)
+        with watchdog.slow_step("its first training step (torch.compile compiles in it)"):
+            deadline = time.time() + 10
+            while not world.aborted and time.time() < deadline:
+                time.sleep(0.1)
+    finally:
+        dog.stop()
+    time.sleep(0.2)
+    assert [code for code, _ in world.aborted] == [3, 3], world.aborted
+    assert "rank 0 has been in its first training step (torch.compile compiles in it) for " in world.aborted[0][1]
+
+
+def test_a_lock_whose_pid_was_reused_is_stale(tmp_path):
+    """RUN/LOCK names its process by pid and start time: a live process that merely has the dead run's pid
+    (another start time) does not hold the run; the message for a live owner says how to clear a lock."""
+    import json
+    import platform
+    import subprocess
+
+    from hpcdd import watchdog
+    from hpcdd.layout import RunLayout
+
+    layout = RunLayout(str(tmp_path))
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        started = watchdog.process_started(other.pid)
+        assert started and started != watchdog.process_started(os.getpid())
+        for recorded, held in ((started, True), ("another-boot:12345", False), (None, True)):
+            with open(layout.lock, "w") as f:
+                json.dump({"host": platform.node(), "pid": other.pid, "since": "then", "taken": time.time(),
+                           "started": recorded}, f)
+            assert (watchdog.lock_owner(layout) is not None) == held, recorded
+        with pytest.raises(UserError, match=f"wait for it to end or stop it first \\(if no hpcdd-run uses it, "
+                                            f"delete {layout.lock}\\)"):
+            watchdog.check_unlocked(layout, "--resume RUN")
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_epoch_records_keep_the_last_of_each_epoch(tmp_path):
+    """A training resumed from an older checkpoint logs its epochs again: readers take the last record."""
+    import json
+
+    from hpcdd.events import epoch_records
+
+    lines = [{"phase": "local", "subdomain": 0, "epoch": 1, "loss": 2.0},
+             {"phase": "local", "subdomain": 1, "epoch": 1, "loss": 2.5},
+             {"phase": "local", "subdomain": 0, "epoch": 2, "loss": 1.9},
+             {"phase": "local", "subdomain": 0, "event": "resume", "epoch": 1, "step": 0},
+             {"phase": "local", "subdomain": 0, "epoch": 2, "loss": 1.8},
+             {"phase": "coherent", "strategy": "scratch", "epoch": 1, "loss": 1.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    got = epoch_records(str(tmp_path / "metrics.jsonl"))
+    assert [(e["phase"], e.get("subdomain"), e["epoch"], e["loss"]) for e in got] == [
+        ("local", 0, 1, 2.0), ("local", 1, 1, 2.5), ("local", 0, 2, 1.8), ("coherent", None, 1, 1.0)]
