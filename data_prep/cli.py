@@ -21,7 +21,8 @@ from .writer import (CHUNK_BYTES, DiskFull, Progress, Terminated, check_output, 
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog="hpcdd-prep", description=(
         "Convert a dataset into HDF5 shards, one per subdomain of the decomposition, plus full.h5 "
-        "(whole images, for the global CNN baseline) and manifest.json. Also: python -m data_prep."))
+        "(whole images, for the global CNN baseline) and manifest.json. Also: python -m data_prep. "
+        "`hpcdd-prep reseal DATA` seals a manifest.json edited on purpose."))
     p.add_argument("source", metavar="FORMAT", choices=sources.SOURCES,
                    help=f"input format: {', '.join(sources.SOURCES)}")
     p.add_argument("input", metavar="INPUT", help="IDX folder, CIFAR pickle folder, image folder or .npz file")
@@ -53,6 +54,8 @@ def build_parser() -> OneLineParser:
                    help="imagefolder: skip files that cannot be decoded (listed in the manifest) instead of stopping")
     p.add_argument("--workers", type=count(1), metavar="N",
                    help="imagefolder: decoding processes per rank (default: the cores of this rank)")
+    p.add_argument("--oversubscribe", action="store_true",
+                   help="imagefolder: allow more --workers than this process's cores (still capped by free memory)")
     p.add_argument("--decoder", choices=("torchvision", "pil"), default="torchvision",
                    help="imagefolder: torchvision.io (default; JPEG, PNG, WebP, GIF; PIL for the rest) or PIL for "
                         "every file (no torch in the decoding processes: less memory per worker)")
@@ -77,6 +80,55 @@ def default_workers() -> int:
     return max(1, cores // max(1, world_info(os.environ).local_size or 1))
 
 
+# resident memory of one decoding process, measured on 112x112 PNGs (fork, as spawn): torchvision imports
+# torch (672 MB RSS, 516 MB PSS), PIL does not (28 MB); plus its share of a chunk of pixels
+WORKER_MB = {"torchvision": 700, "pil": 60}
+
+
+def available_mb() -> float | None:
+    """Memory this process can still take: MemAvailable, or less under a cgroup limit (a SLURM job's)."""
+    free = None
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(ln.split()[1]) / 1024 for ln in f if ln.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read().strip())
+        if limit != "max":
+            room = (int(limit) - used) / 2**20
+            free = room if free is None else min(free, room)
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def safe_workers(args, ranks: Ranks | None) -> int:
+    """--workers, capped at the cores this process may use (unless --oversubscribe) and at what the free
+    memory holds: 64 decoding processes on a 2-core node once took 21 GB and another job with them."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = args.workers or default_workers()
+    notes = []
+    if workers > cores and not args.oversubscribe:
+        notes.append(f"capped at {cores}, the cores this process may use (--oversubscribe keeps {workers})")
+        workers = cores
+    free, each = available_mb(), WORKER_MB[args.decoder] + args.chunk_mb
+    if free is not None and workers * each > 0.8 * free:
+        fit = int(0.8 * free // each)
+        if fit < 1:
+            raise UserError(f"--workers: one {args.decoder} decoding process needs about {each:.0f} MB but only "
+                            f"{free:.0f} MB are free; free memory, or use --decoder pil ({WORKER_MB['pil']} MB each)")
+        notes.append(f"reduced to {fit}: {workers} x ~{each:.0f} MB would not fit in the {free:.0f} MB free")
+        workers = fit
+    if notes and (ranks is None or ranks.is_root):
+        print(f"data_prep: --workers {args.workers or default_workers()} {'; '.join(notes)}", file=sys.stderr,
+              flush=True)
+    return workers
+
+
 def load_source(args, ranks: Ranks | None = None) -> sources.Source:
     if not os.path.exists(args.input):
         raise UserError(f"INPUT {args.input}: no such file or directory")
@@ -92,8 +144,8 @@ def load_source(args, ranks: Ranks | None = None) -> sources.Source:
             if len(args.size) != 2 or min(args.size) < 1:
                 raise UserError(f"--size {' '.join(map(str, args.size))}: expected H W, two positive numbers")
             size = tuple(args.size)
-        decoder = sources.Decoder(args.workers or default_workers(),
-                                  "spawn" if ranks is not None and ranks.size > 1 else "fork", args.decoder)
+        decoder = sources.Decoder(safe_workers(args, ranks), "spawn" if ranks is not None and ranks.size > 1 else "fork",
+                                  args.decoder)
         return sources.load_imagefolder(args.input, args.name, size, args.channels, decoder)
     if args.num_classes is not None and args.num_classes < 2:
         raise UserError(f"--num-classes {args.num_classes}: expected at least 2")
@@ -194,6 +246,10 @@ def run(argv=None, ranks: Ranks | None = None) -> dict:
     ranks.agree(lambda: check_output(args.out, args.force, [args.input]))
     start = time.perf_counter()
     source = ranks.together(lambda: load_source(args, ranks))
+    if len(source.classes) < 2:
+        source.close()
+        raise AgreedError(f"INPUT {args.input}: {len(source.classes)} class ({', '.join(source.classes) or 'none'}); a "
+                          f"classifier needs at least 2: nothing was written")
     try:
         source, order, skipped = prepare_source(source, args, ranks)
         extra = {"skipped": skipped} if args.skip_bad else None
@@ -214,9 +270,36 @@ def run(argv=None, ranks: Ranks | None = None) -> dict:
     return manifest
 
 
+def reseal(argv) -> int:
+    """``hpcdd-prep reseal DATA``: seal a manifest.json that a user edited on purpose, after checking it."""
+    from hpcdd.checkpoint import read_json, write_json
+    from hpcdd.manifest import MANIFEST_NAME, SEAL, Manifest, seal
+
+    p = OneLineParser(prog="hpcdd-prep reseal", description=(
+        "Record the digest of DATA/manifest.json as it is now. Readers refuse a manifest edited after "
+        "data_prep; after an edit made on purpose (a class renamed, say), this makes it the preparation's."))
+    p.add_argument("data", metavar="DATA", help="directory written by data_prep")
+    args = p.parse_args(argv)
+    path = os.path.join(args.data, MANIFEST_NAME)
+    values = read_json(path, f"missing; is {args.data} a directory written by data_prep?")
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    values[SEAL] = seal(values)
+    Manifest.from_dict(values, args.data, path)  # an edit must still describe valid shards
+    write_json(values, path)
+    print(f"{path}: sealed as it is now")
+    return 0
+
+
 def main(argv=None) -> int:
     import signal
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["reseal"]:
+        try:
+            return reseal(argv[1:])
+        except UserError as e:
+            fail(str(e))
     signal.signal(signal.SIGTERM, terminate)
     ranks = None
     try:

@@ -573,10 +573,12 @@ class Decoder:
 
 
 def _quiet_worker() -> None:
-    """A decoding process leaves Ctrl-C to its parent, which stops and ends it (no traceback per worker)."""
+    """A decoding process leaves Ctrl-C to its parent, which stops it, and ends at SIGTERM without a
+    word (a forked one inherits the parent's handler, which unwinds with a traceback)."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class FolderImages(Images):

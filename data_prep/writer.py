@@ -28,7 +28,7 @@ import numpy as np
 from hpcdd import __version__
 from hpcdd.checkpoint import current_umask
 from hpcdd.data import ids_digest
-from hpcdd.manifest import FORMAT_VERSION, FULL_NAME, MANIFEST_NAME, shard_name
+from hpcdd.manifest import FORMAT_VERSION, FULL_NAME, MANIFEST_NAME, seal, shard_name
 from hpcdd.decomposition import Decomposition
 from hpcdd.errors import UserError
 
@@ -67,6 +67,17 @@ def is_prep_output(path: str) -> bool:
         return False
 
 
+def foreign_files(out: str) -> list[str]:
+    """What a data_prep output holds besides the files its manifest lists (a user's run, notes...)."""
+    try:
+        with open(os.path.join(out, MANIFEST_NAME)) as f:
+            m = json.load(f)
+        ours = {MANIFEST_NAME, *m.get("shards", []), *([m["full"]] if m.get("full") else [])}
+    except (OSError, ValueError, TypeError, AttributeError):
+        ours = {MANIFEST_NAME}
+    return sorted(n for n in os.listdir(out) if n not in ours)
+
+
 def check_output(out: str, force: bool, inputs=()) -> None:
     """Refuse an existing output directory unless ``--force``, and even then anything that is not a
     data_prep output (or empty) or that holds the input; the parent must be writable."""
@@ -74,14 +85,24 @@ def check_output(out: str, force: bool, inputs=()) -> None:
         raise UserError(f"{out}: already exists; choose a new output directory or pass --force to replace it")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"{out}: exists and is not a directory")
+    real = os.path.realpath(out)
+    for p in inputs:
+        source = os.path.realpath(p)
+        if os.path.isdir(source) and real.startswith(source.rstrip(os.sep) + os.sep):
+            raise UserError(f"{out}: inside the input folder {p}; write the output elsewhere (a later preparation "
+                            f"of {p} would take it for a class)")
     if os.path.exists(out):
-        real = os.path.realpath(out)
         if any(os.path.realpath(p) == real or os.path.realpath(p).startswith(real.rstrip(os.sep) + os.sep)
                for p in inputs):
             raise UserError(f"{out} --force: the input is inside it; nothing was deleted, choose another output")
         if os.listdir(out) and not is_prep_output(out):
             raise UserError(f"{out} --force: not a data_prep output (no manifest.json written by hpcdd-prep); "
                             f"--force replaces only those, nothing was deleted")
+        foreign = foreign_files(out) if os.listdir(out) else []
+        if foreign:
+            listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise UserError(f"{out} --force: holds {listed}, which data_prep did not write; nothing was deleted "
+                            f"(move them out, or choose another output)")
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise UserError(f"{out}: parent directory {parent} does not exist")
@@ -199,7 +220,8 @@ class ShardFiles:
             self.shapes[j] = list(shape)
             chunk = _chunk_samples(int(np.prod(shape)) * np.dtype(dtype).itemsize, n)
             groups.append(f.create_group(name))
-            xs.append(groups[-1].create_dataset("x", shape=(n,) + shape, dtype=dtype, chunks=(chunk,) + shape))
+            xs.append(groups[-1].create_dataset("x", shape=(n,) + shape, dtype=dtype, chunks=(chunk,) + shape,
+                                                fletcher32=True))  # HDF5 verifies every chunk it reads
         self.x, self.groups = xs, groups
 
     def write(self, a: int, block: np.ndarray) -> None:
@@ -211,8 +233,8 @@ class ShardFiles:
 
     def end(self, name: str, split: Split) -> None:
         for g in self.groups:
-            g.create_dataset("y", data=split.y.astype(np.int64))
-            g.create_dataset("sample_id", data=split.ids.astype(np.int64))
+            g.create_dataset("y", data=split.y.astype(np.int64), fletcher32=True)
+            g.create_dataset("sample_id", data=split.ids.astype(np.int64), fletcher32=True)
             g.attrs["count"] = len(split.y)
 
     def close(self) -> None:
@@ -454,7 +476,7 @@ def _move_into_place(tmp: str, out: str, parent: str) -> None:
 
 def _manifest(source, deco, splits, shape0, dtype, overlap, margin, scale, mean, std, checksum, seed,
               val_fraction, prep_id, full, shapes, order, extra) -> dict:
-    return {
+    manifest = {
         "format_version": FORMAT_VERSION,
         "tool": f"hpcdd {__version__}",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -484,11 +506,13 @@ def _manifest(source, deco, splits, shape0, dtype, overlap, margin, scale, mean,
                        "hash of their pixels, so they do not depend on file order or format"
                        if order is not None else "position: the seeded draws run over the images in source order"),
         "sample_ids_sha256": {name: ids_digest(split.ids) for name, split in splits.items()},
+        "labels_sha256": {name: ids_digest(split.y) for name, split in splits.items()},
         "shards": [shard_name(i) for i in range(deco.n)],
         "full": FULL_NAME if full else None,
         "subimage_shapes": shapes,
         **(extra or {}),
     }
+    return dict(manifest, manifest_sha256=seal(manifest))
 
 
 def output_bytes(deco, splits: dict, margin: int, shape0, dtype, full: bool) -> int:

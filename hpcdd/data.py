@@ -150,26 +150,54 @@ class ShardReader:
                 y = g["y"][:]
                 if n and (y.min() < 0 or y.max() >= m.k):
                     raise UserError(f"{where}: {split} labels outside 0..{m.k - 1}")
+                if ids_digest(y) != m.labels_sha256[split]:
+                    raise UserError(f"{where}: {split} labels differ from the manifest's (the shard was changed "
+                                    f"after data_prep wrote it); re-run data_prep")
                 if deep:
-                    self._check_pixels(g["x"], f"{where}: {split}/x")
+                    self._check_pixels(split, f"{where}: {split}/x")
         except UserError:
             raise
         except (OSError, KeyError, ValueError, RuntimeError) as e:
             raise UserError(f"{where}: corrupt or truncated HDF5 file ({_short(e)})") from None
 
-    @staticmethod
-    def _check_pixels(ds, where: str) -> None:
+    def _check_pixels(self, split: str, where: str) -> None:
+        ds = self._group(split)["x"]
         step = max(1, ds.chunks[0] if ds.chunks else 1024) * 64
         for a in range(0, ds.shape[0], step):
-            block = ds[a:a + step]
+            block = self.pixels(split, a, a + step)
             if block.dtype.kind == "f" and not np.all(np.isfinite(block)):
                 raise UserError(f"{where}: contains NaN or Inf pixels")
+
+    def pixels(self, split: str, a: int, b, index=None) -> np.ndarray:
+        """Rows a..b of ``split``'s images (or the sorted rows ``index``). HDF5 verifies each chunk's
+        checksum as it reads it; a damaged chunk stops the run in one line naming shard, split and chunk."""
+        ds = self._group(split)["x"]
+        try:
+            return ds[a:b] if index is None else ds[index]
+        except (OSError, RuntimeError) as e:
+            if index is not None and len(index):
+                a, b = int(index[0]), int(index[-1]) + 1
+            raise UserError(self._damaged(split, ds, a, min(b, ds.shape[0]), e)) from None
+
+    def _damaged(self, split: str, ds, a: int, b: int, error: BaseException) -> str:
+        """The one line for a failed read of rows a..b: the chunk that fails, read one chunk at a time."""
+        rows = ds.chunks[0] if ds.chunks else max(1, b - a)
+        for c in range(a // rows, -(-b // rows)):
+            lo, hi = c * rows, min((c + 1) * rows, ds.shape[0])
+            try:
+                ds[lo:hi]
+            except (OSError, RuntimeError) as e:
+                why = "checksum mismatch" if "filter returned failure" in str(e) else _short(e)
+                return (f"{self.path}: damaged data in {split}/x chunk {c} (images {lo}..{hi - 1}): {why}; the "
+                        f"file changed after data_prep wrote it: re-run data_prep")
+        return f"{self.path}: corrupt or truncated HDF5 data in {split} ({_short(error)})"
 
     def read(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The whole split in memory: (x, y, sample_id)."""
         g = self._group(split)
+        x = self.pixels(split, 0, None)
         try:
-            return g["x"][:], g["y"][:].astype(np.int64), g["sample_id"][:].astype(np.int64)
+            return x, g["y"][:].astype(np.int64), g["sample_id"][:].astype(np.int64)
         except (OSError, RuntimeError) as e:
             raise UserError(f"{self.path}: corrupt or truncated HDF5 data in {split} ({_short(e)})") from None
 
@@ -179,7 +207,7 @@ class ShardReader:
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
         uniq, inverse = np.unique(sorted_rows, return_inverse=True)
-        x = g["x"][uniq][inverse]
+        x = self.pixels(split, 0, 0, uniq)[inverse]
         y = g["y"][uniq][inverse]
         back = np.empty_like(order)
         back[order] = np.arange(len(order))
@@ -192,7 +220,8 @@ class ShardReader:
         for a in range(0, n, rows_per_read):
             alive()
             self.check_unchanged()
-            yield g["x"][a:a + rows_per_read], g["y"][a:a + rows_per_read], g["sample_id"][a:a + rows_per_read]
+            yield (self.pixels(split, a, a + rows_per_read), g["y"][a:a + rows_per_read],
+                   g["sample_id"][a:a + rows_per_read])
 
     def nbytes(self, split: str) -> int:
         ds = self._group(split)["x"]
@@ -375,15 +404,11 @@ class WindowReader:
     def _read(self, w: int):
         import torch
 
-        g = self.data.reader._group(self.data.split)
-        xs, rows = [], []
+        reader, xs, rows = self.data.reader, [], []
+        reader.check_unchanged()
         for b in self.windows[w]:
             a, e = int(b) * self.block, min(int(b) * self.block + self.block, len(self.data))
-            try:
-                xs.append(self.data._normalise(torch.from_numpy(g["x"][a:e])))
-            except (OSError, RuntimeError) as err:
-                raise UserError(f"{self.data.reader.path}: corrupt or truncated HDF5 data in {self.data.split} "
-                                f"({_short(err)})") from None
+            xs.append(self.data._normalise(torch.from_numpy(reader.pixels(self.data.split, a, e))))
             rows.append(np.arange(a, e))
         return np.concatenate(rows), torch.cat(xs)
 

@@ -6,6 +6,7 @@ hand-edited or foreign manifest is refused with one line naming the key (docs/sh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -15,7 +16,7 @@ from .checkpoint import read_json
 from .decomposition import Decomposition
 from .errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checksummed datasets (fletcher32), label digests, a sealed manifest
 MANIFEST_NAME = "manifest.json"
 FULL_NAME = "full.h5"
 SPLITS = ("train", "val", "test")
@@ -61,9 +62,20 @@ _SCHEMA = (
     ("prep_id", lambda v: isinstance(v, str) and v != "", "a non-empty string"),
     ("sample_ids_sha256", lambda v: isinstance(v, dict) and all(isinstance(v.get(s), str) for s in SPLITS),
      "an object with a digest for train, val and test"),
+    ("labels_sha256", lambda v: isinstance(v, dict) and all(isinstance(v.get(s), str) for s in SPLITS),
+     "an object with a digest for train, val and test"),
     ("shards", lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v), "a list of file names"),
     ("full", lambda v: v is None or isinstance(v, str), "a file name or null"),
+    ("manifest_sha256", lambda v: isinstance(v, str), "a string"),
 )
+SEAL = "manifest_sha256"
+
+
+def seal(values: dict) -> str:
+    """The digest of a manifest's own content (canonical JSON of every key but the seal): data_prep
+    writes it, readers compare it, so a manifest edited into another dataset is refused."""
+    body = {k: v for k, v in values.items() if k != SEAL}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -85,6 +97,7 @@ class Manifest:
     std: tuple[float, ...]
     prep_id: str
     sample_ids_sha256: dict
+    labels_sha256: dict
     shards: tuple[str, ...]
     full: str | None
     raw: dict = field(default_factory=dict, compare=False, repr=False)
@@ -147,6 +160,9 @@ class Manifest:
         for key, check, expected in _SCHEMA:
             if not check(values[key]):
                 raise UserError(f"{where}: {key} = {_short(values[key])}: expected {expected}")
+        if seal(values) != values[SEAL]:
+            raise UserError(f"{where}: edited after data_prep (its content no longer matches its digest); re-run "
+                            f"data_prep, or if the edit was deliberate: hpcdd-prep reseal {data_dir}")
         c = values["image_shape"][0]
         for key in ("mean", "std"):
             if len(values[key]) != c:
@@ -165,7 +181,8 @@ class Manifest:
             boxes=tuple(tuple(tuple(a) for a in box) for box in values["boxes"]), dtype=values["dtype"],
             scale=float(values["scale"]), mean=tuple(float(v) for v in values["mean"]),
             std=tuple(float(v) for v in values["std"]), prep_id=values["prep_id"],
-            sample_ids_sha256=dict(values["sample_ids_sha256"]), shards=tuple(values["shards"]),
+            sample_ids_sha256=dict(values["sample_ids_sha256"]), labels_sha256=dict(values["labels_sha256"]),
+            shards=tuple(values["shards"]),
             full=values["full"], raw=values)
 
 

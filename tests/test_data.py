@@ -200,3 +200,56 @@ def test_training_on_streamed_shards_equals_in_memory(data):
         states.append(res.best["model"])
     for k in states[0]:
         assert torch.equal(states[0][k], states[1][k]), k
+
+
+def flip_pixel_bytes(path, split: str, chunk: int, count: int = 20000) -> None:
+    """Flip ``count`` bytes of one stored chunk of ``split``/x, behind HDF5's back (a bad disk, a bad copy)."""
+    with h5py.File(path, "r") as f:
+        info = f[f"{split}/x"].id.get_chunk_info(chunk)
+    n = min(count, info.size - 8)
+    with open(path, "r+b") as f:
+        f.seek(info.byte_offset)
+        raw = bytearray(f.read(n))
+        f.seek(info.byte_offset)
+        f.write(bytes(b ^ 0x5A for b in raw))
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_damaged_pixels_are_named_by_shard_split_and_chunk(data, streamed):
+    """Bytes flipped inside one chunk of a shard's images: HDF5's checksum (fletcher32) fails the read,
+    in memory or streamed, in one line naming the shard, the split and the chunk."""
+    flip_pixel_bytes(data / "sub_001.h5", "train", 1)
+    m = load_manifest(str(data))
+    with h5py.File(data / "sub_001.h5") as f:
+        rows, n = f["train/x"].chunks[0], f["train/x"].shape[0]
+    with pytest.raises(UserError, match=rf"sub_001.h5: damaged data in train/x chunk 1 \(images {rows}..{min(2 * rows, n) - 1}\): "
+                                        r"checksum mismatch"):
+        split = SplitData.load(ShardReader(m, 1), "train", memory_limit=1 if streamed else 1 << 30)
+        if streamed:
+            split.batch(np.arange(len(split)))
+    ShardReader(m, 1).validate()  # labels and ids intact: only pixel reads find it
+
+
+def test_labels_changed_in_one_shard_are_refused(data):
+    """One shard's labels shifted by one class, written through HDF5 (checksums recomputed): its labels no
+    longer match the manifest's digest, which every rank checks for its shards at start."""
+    with h5py.File(data / "sub_002.h5", "r+") as f:
+        f["train/y"][...] = (f["train/y"][:] + 1) % 10
+    with pytest.raises(UserError, match="sub_002.h5: train labels differ from the manifest's"):
+        ShardReader(load_manifest(str(data)), 2).validate()
+
+
+def test_an_edited_manifest_is_refused_and_can_be_resealed(data):
+    """A digit changed inside manifest.json (still a valid manifest) is refused as edited; `hpcdd-prep reseal`
+    makes a deliberate edit the preparation's own."""
+    from data_prep.cli import main
+
+    text = (data / "manifest.json").read_text()
+    m = json.loads(text)
+    edited = text.replace(json.dumps(m["std"][0]), json.dumps(m["std"][0] * 2), 1)
+    assert edited != text
+    (data / "manifest.json").write_text(edited)
+    with pytest.raises(UserError, match=f"manifest.json: edited after data_prep .*hpcdd-prep reseal {data}"):
+        load_manifest(str(data))
+    assert main(["reseal", str(data)]) == 0
+    assert load_manifest(str(data)).std[0] == pytest.approx(m["std"][0] * 2)

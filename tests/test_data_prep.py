@@ -272,6 +272,23 @@ def _bad_inputs(tmp, fashion_dir, x, y):
     cases.append(("output exists", ["idx", good, tmp / "exists"]))
     cases.append(("force on a user folder", ["idx", good, tmp / "exists", "--force"]))
     cases.append(("force on the input folder", ["idx", good, good, "--force"]))
+    pics = tmp / "pics"  # a valid image folder
+    for k in range(2):
+        (pics / f"c{k}").mkdir(parents=True)
+        for j in range(10):
+            Image.fromarray(x[k * 10 + j]).save(pics / f"c{k}" / f"{j}.png")
+    cases.append(("output inside the input folder", ["imagefolder", pics, pics / "shards"]))
+    one = tmp / "oneclass"
+    (one / "cat").mkdir(parents=True)
+    for j in range(20):
+        Image.fromarray(x[j]).save(one / "cat" / f"{j}.png")
+    cases.append(("one class", ["imagefolder", one, tmp / "o"]))
+    from data_prep.cli import run
+
+    run(["idx", str(good), str(tmp / "prepared"), "--grid", "2x2", "--quiet"])
+    (tmp / "prepared" / "run").mkdir()  # a user's run directory kept beside the shards
+    (tmp / "prepared" / "run" / "keep.txt").write_text("user data")
+    cases.append(("force over a preparation that holds a run", ["idx", good, tmp / "prepared", "--force"]))
     return [(name, args if "--grid" in args else args + ["--grid", "2x2"]) for name, args in cases]
 
 
@@ -305,6 +322,9 @@ BAD_INPUT_MESSAGES = {
     "output exists": "{tmp}/exists: already exists",
     "force on a user folder": "{tmp}/exists --force: not a data_prep output",
     "force on the input folder": "{tmp}/good --force: the input is inside it; nothing was deleted",
+    "output inside the input folder": "{tmp}/pics/shards: inside the input folder {tmp}/pics; write the output",
+    "one class": "INPUT {tmp}/oneclass: 1 class (cat); a classifier needs at least 2",
+    "force over a preparation that holds a run": "{tmp}/prepared --force: holds run, which data_prep did not write",
 }
 
 
@@ -330,6 +350,8 @@ def test_bad_input_one_line_exit_2_nothing_written(bad_inputs, name):
     assert BAD_INPUT_MESSAGES[name].format(tmp=tmp) in lines[0], lines[0]
     assert sorted(os.listdir(tmp)) == before, f"{name}: something was written"
     assert (tmp / "exists" / "keep.txt").read_text() == "user data"
+    assert (tmp / "prepared" / "run" / "keep.txt").read_text() == "user data"
+    assert sorted(os.listdir(tmp / "pics")) == ["c0", "c1"]
 
 
 def test_sixteen_bit_pngs_keep_their_grey_levels(tmp_path, fashion_small):

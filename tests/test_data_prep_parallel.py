@@ -300,3 +300,57 @@ def test_a_killed_preparation_leaves_nothing_for_long(tmp_path, folder):
     require_ok(proc)
     assert f"data_prep: removed {left[0]}, left by an interrupted preparation of {out}" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not (out / ".owner").exists()
+
+
+def test_workers_are_capped_by_cores_and_free_memory(tmp_path, folder, monkeypatch):
+    """--workers 64 on this machine: capped at the cores this process may use, with one line; where memory
+    is short, reduced to what fits, or refused in one line when not even one decoding process fits."""
+    import argparse
+
+    from data_prep import cli
+    from hpcdd.errors import UserError
+
+    proc = prep("imagefolder", folder, tmp_path / "out", "--grid", "2x2", "--workers", "64")
+    require_ok(proc)
+    cores = len(os.sched_getaffinity(0))
+    assert f"data_prep: --workers 64 capped at {cores}, the cores this process may use" in proc.stderr
+    args = argparse.Namespace(workers=64, oversubscribe=True, decoder="torchvision", chunk_mb=128.0)
+    monkeypatch.setattr(cli, "available_mb", lambda: 4000.0)
+    assert cli.safe_workers(args, None) == int(0.8 * 4000 // (cli.WORKER_MB["torchvision"] + 128))
+    monkeypatch.setattr(cli, "available_mb", lambda: 500.0)
+    with pytest.raises(UserError, match="one torchvision decoding process needs about 828 MB but only 500 MB"):
+        cli.safe_workers(args, None)
+    assert cli.safe_workers(argparse.Namespace(workers=4, oversubscribe=True, decoder="pil", chunk_mb=128.0), None) == 2
+
+
+def test_sigterm_while_workers_start_stops_within_seconds(tmp_path, folder):
+    """SIGTERM (scancel) while the decoding processes are starting: the preparation and every worker end
+    within 5 s, and nothing is left."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "data_prep", "imagefolder", str(folder), str(out), "--grid", "2x2",
+                             "--workers", "4", "--oversubscribe", "--quiet"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env_for_tests())
+
+    def children():
+        found = []
+        for pid in os.listdir("/proc"):
+            try:
+                if pid.isdigit() and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1] == str(proc.pid):
+                    found.append(int(pid))
+            except OSError:
+                pass
+        return found
+
+    t0 = time.time()
+    while time.time() - t0 < 60 and proc.poll() is None and not children():
+        time.sleep(0.005)
+    workers = children()
+    assert workers and proc.poll() is None, "no decoding process started"
+    proc.send_signal(signal.SIGTERM)
+    sent = time.time()
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - sent < 5 and proc.returncode == 143, (time.time() - sent, proc.returncode, err[-2000:])
+    assert [ln for ln in err.splitlines() if ln.strip()] == ["data_prep: stopped by SIGTERM; nothing was written"], err
+    time.sleep(0.5)
+    assert not [w for w in workers if os.path.exists(f"/proc/{w}") and "Z" not in open(f"/proc/{w}/stat").read()]
+    assert os.listdir(tmp_path) == []

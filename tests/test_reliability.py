@@ -295,6 +295,20 @@ def test_a_diverging_loss_stops_the_run_with_one_line(small_data, tmp_path):
                      proc.stderr), proc.stderr[-3000:]
 
 
+@pytest.mark.parametrize("phases,setting,training,ranks", [
+    ("global", "global.lr=1e6", "global CNN", 2), ("local,aggregate", "dnn.lr=1e9", "DNN", 1),
+    ("local,aggregate,coherent", "coherent.scratch.lr=1e9", "coherent scratch", 2)])
+def test_a_diverging_loss_is_exit_2_in_every_phase(small_data, tmp_path, phases, setting, training, ranks):
+    """The same exit status and line whichever phase's training diverges (SGD at an absurd learning rate)."""
+    opt = setting.split(".lr")[0] + ".optimizer=sgd"
+    proc = run_python(["-m", "hpcdd.run", "--data", small_data, "--out", str(tmp_path / "run"), "--phases", phases,
+                       *CFG, "--set", "local.epochs=1", "--set", opt, "--set", setting], ranks=ranks, timeout=300)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("Abort(")]  # MPICH's own line
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines and all(re.match(rf"error: (rank \d: )?{training}: the training loss became (nan|inf) in epoch 1",
+                                  ln) for ln in lines), lines
+
+
 def epoch_events(run):
     """Every epoch event of metrics.jsonl without its timings, in order."""
     lines = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
@@ -460,6 +474,24 @@ def test_a_resume_on_another_rank_count_is_refused_at_start(small_data, tmp_path
             f"(coherent/*/rank_*.ckpt.pt) hold one rank's share each; resume it with 2 ranks, not 4") in lines[0]
     assert "[local]" not in resumed.stdout and time.time() - t0 < 60
     require_ok(run_python(["-m", "hpcdd.run", "--resume", run, "--threads", "1"], ranks=2, timeout=300))
+
+
+def test_damaged_pixels_stop_the_run_in_one_line(small_data, tmp_path):
+    """20,000 bytes flipped inside a stored chunk of one shard (a bad disk or copy): the run stops when it
+    reads that chunk, one line naming shard, split and chunk, instead of training on it with exit 0."""
+    import shutil
+
+    from tests.test_data import flip_pixel_bytes
+
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    flip_pixel_bytes(data / "sub_001.h5", "train", 2)
+    proc = run_python(["-m", "hpcdd.run", "--data", str(data), "--out", str(tmp_path / "run"), *CFG], ranks=2,
+                      timeout=300)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("Abort(")]  # MPICH's own line
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"{data}/sub_001.h5: damaged data in train/x chunk 2 (images " in lines[0], lines[0]
+    assert "checksum mismatch" in lines[0] and not (tmp_path / "run" / "results.json").exists()
 
 
 @pytest.fixture()

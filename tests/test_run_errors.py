@@ -58,6 +58,13 @@ def corpus(small_data, tmp_path_factory, fashion_dir):
     d["labels"] = copy("labels")
     with h5py.File(d["labels"] / "sub_001.h5", "r+") as f:
         f["train"]["y"][5] = 17
+    d["shifted"] = copy("shifted")  # labels of one shard shifted by one class, written through HDF5
+    with h5py.File(d["shifted"] / "sub_002.h5", "r+") as f:
+        f["train"]["y"][...] = (f["train"]["y"][:] + 1) % 10
+    d["edited"] = copy("edited")  # a digit of the manifest changed: still a valid manifest, another dataset
+    text = (d["edited"] / "manifest.json").read_text()
+    (d["edited"] / "manifest.json").write_text(text.replace('"std": [\n  0.', '"std": [\n  1.', 1))
+    assert (d["edited"] / "manifest.json").read_text() != text
     d["grid"] = copy("grid")
     with h5py.File(d["grid"] / "sub_000.h5", "r+") as f:
         f.attrs["grid"] = [4, 4]
@@ -154,6 +161,8 @@ CASES = [
     ("not hdf5", ["--data", "{not_hdf5}"], "sub_000.h5: not a readable HDF5 file", None),
     ("shards of two preparations", ["--data", "{mixed}"], "different data_prep runs", 2),
     ("labels out of range", ["--data", "{labels}"], "train labels outside 0..9", 2),
+    ("labels of one shard shifted", ["--data", "{shifted}"], "sub_002.h5: train labels differ from the manifest's", 2),
+    ("manifest edited", ["--data", "{edited}"], "manifest.json: edited after data_prep", 2),
     ("grid mismatch", ["--data", "{grid}"], "attribute grid is [4, 4] but the manifest says [2, 2]", None),
     ("corrupt manifest", ["--data", "{manifest}"], "manifest.json: corrupt JSON", None),
     ("manifest zero std", ["--data", "{std0}"], "manifest.json: std = [0.0]: expected a list of positive finite", 2),
