@@ -77,7 +77,7 @@ def main() -> None:
 def decoders(work: str, n: int = 2000) -> None:
     from PIL import Image
 
-    from data_prep.sources import decode_file, read_idx
+    from data_prep.sources import decode_image_file as decode_file, read_idx
 
     import numpy as np
 

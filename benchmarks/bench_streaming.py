@@ -8,6 +8,8 @@ once streamed from the shard (``memory_limit`` forced below the split's size; bl
 and normalised a window ahead by the read-ahead thread). Target (issue #12): streamed / in-memory
 throughput >= 0.9. Then the shard's training split is read from a cold page cache (its pages dropped
 with posix_fadvise) and that rate is printed next to the rate training consumes the same bytes.
+Last, the cost of the shards' checksums (issue #26): read rate and streamed training throughput of the
+shard as written (fletcher32) against a copy of the same chunks without it (target: within 2 %).
 """
 
 from __future__ import annotations
@@ -39,6 +41,64 @@ def cold_read(path: str, split: str, block: int) -> tuple[float, int]:
             ds[a:a + block]
         nbytes = ds.size * ds.dtype.itemsize
     return time.perf_counter() - t0, nbytes
+
+
+def without_checksums(data: str, i: int) -> str:
+    """A copy of a preparation whose shard ``i`` stores the same chunks without fletcher32: the baseline
+    of the checksum's cost (hpcdd writes every dataset with it)."""
+    import shutil
+
+    import h5py
+
+    out = data + "-plain"
+    if not os.path.exists(out):
+        shutil.copytree(data, out)
+        path = os.path.join(out, f"sub_{i:03d}.h5")
+        with h5py.File(os.path.join(data, f"sub_{i:03d}.h5"), "r") as src, h5py.File(path + ".new", "w",
+                                                                                       libver="latest") as dst:
+            dst.attrs.update(src.attrs)
+            for split in src:
+                g = dst.create_group(split)
+                g.attrs.update(src[split].attrs)
+                for key in src[split]:
+                    ds = src[split][key]
+                    g.create_dataset(key, data=ds[:], chunks=ds.chunks if key == "x" else None)
+        os.replace(path + ".new", path)
+    return out
+
+
+def checksum_cost(data: str, i: int, args, t, fresh) -> None:
+    """Read rate and streamed training throughput of shard ``i`` with and without HDF5's checksums,
+    alternating, medians of ``--repeats`` (target: within 2 %)."""
+    import torch
+
+    from hpcdd.data import STREAM_BLOCK, ShardReader, SplitData, StreamPlan
+    from hpcdd.manifest import load_manifest
+    from hpcdd.rng import stream_of
+    from hpcdd.training import Fit, fit
+
+    plain = without_checksums(data, i)
+    plan = StreamPlan(STREAM_BLOCK, args.window)
+    rates = {"checksummed": [], "plain": []}
+    reads = {"checksummed": [], "plain": []}
+    for r in range(args.repeats):
+        for name, folder in (("checksummed", data), ("plain", plain)):
+            m = load_manifest(folder)
+            sample = int(torch.tensor(m.stored_shape(i)).prod()) * 4
+            train = SplitData.load(ShardReader(m, i), "train", memory_limit=sample * args.window * 4, plan=plan)
+            val = SplitData.load(ShardReader(m, i), "val")
+            res = fit(fresh(), Fit(name=f"local subdomain {i}", train=train, val=val, t=t,
+                                   stream=stream_of(r, "local", i), device=torch.device("cpu")))
+            train.close()
+            rates[name].append(res.images / res.seconds)
+            seconds, nbytes = cold_read(m.shard_path(i), "train", STREAM_BLOCK)
+            reads[name].append(nbytes / seconds / 1e6)
+    train_ratio = median(rates["checksummed"]) / median(rates["plain"])
+    read_ratio = median(reads["checksummed"]) / median(reads["plain"])
+    print(f"checksums (fletcher32): cold read {median(reads['checksummed']):.0f} vs {median(reads['plain']):.0f} MB/s "
+          f"without ({read_ratio:.3f}); streamed training {median(rates['checksummed']):.0f} vs "
+          f"{median(rates['plain']):.0f} img/s = {train_ratio:.3f} (target >= 0.98: "
+          f"{'PASS' if train_ratio >= 0.98 else 'FAIL'})")
 
 
 def main() -> None:
@@ -94,6 +154,7 @@ def main() -> None:
     consume = median(rates["streamed"]) * nbytes / len(in_memory) / 1e6
     print(f"cold read of {os.path.basename(m.shard_path(i))} train ({nbytes / 1e6:.1f} MB): {read_rate:.0f} MB/s; "
           f"training consumes {consume:.2f} MB/s: reading is {read_rate / consume:.0f}x faster than training needs")
+    checksum_cost(data, i, args, t, fresh)
 
 
 if __name__ == "__main__":

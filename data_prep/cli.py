@@ -25,7 +25,9 @@ def build_parser() -> OneLineParser:
         "`hpcdd-prep reseal DATA` seals a manifest.json edited on purpose."))
     p.add_argument("source", metavar="FORMAT", choices=sources.SOURCES,
                    help=f"input format: {', '.join(sources.SOURCES)}")
-    p.add_argument("input", metavar="INPUT", help="IDX folder, CIFAR pickle folder, image folder or .npz file")
+    p.add_argument("input", metavar="INPUT",
+                   help="IDX folder, CIFAR pickle folder, image folder, NIfTI folder (one sub-folder of .nii/.nii.gz "
+                        "volumes per class) or .npz file")
     p.add_argument("out", metavar="OUT", help="output directory (must not exist unless --force)")
     p.add_argument("--grid", required=True, help="subdomains per axis: NYxNX (2D) or NZxNYxNX (3D)")
     p.add_argument("--overlap", type=int, default=0, help="overlap in pixels on interior sides (default 0)")
@@ -36,7 +38,11 @@ def build_parser() -> OneLineParser:
     p.add_argument("--test-fraction", type=float, default=0.2,
                    help="test share when the source has a single split (default 0.2)")
     p.add_argument("--size", type=int, nargs="+", metavar="N",
-                   help="imagefolder: resize to H W (default: size of the first image)")
+                   help="imagefolder: resize to H W (default: size of the first image); nifti: resample every "
+                        "volume to D H W (trilinear; required)")
+    p.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="nifti: clip intensities to LOW..HIGH in the files' units (e.g. -1000 400 HU), then scale "
+                        "to 0..1 (default: stored values as float32)")
     p.add_argument("--channels", type=int, choices=(1, 3), default=3, help="imagefolder: 1 (grey) or 3 (RGB)")
     p.add_argument("--volume", action="store_true", help="npz: x holds 3D volumes (n, D, H, W[, C])")
     p.add_argument("--num-classes", type=int, help="npz: number of classes (default: max label + 1)")
@@ -82,7 +88,7 @@ def default_workers() -> int:
 
 # resident memory of one decoding process, measured on 112x112 PNGs (fork, as spawn): torchvision imports
 # torch (672 MB RSS, 516 MB PSS), PIL does not (28 MB); plus its share of a chunk of pixels
-WORKER_MB = {"torchvision": 700, "pil": 60}
+WORKER_MB = {"torchvision": 700, "pil": 60, "nifti": 700}  # nifti: nibabel and torch (resampling)
 
 
 def available_mb() -> float | None:
@@ -106,7 +112,7 @@ def available_mb() -> float | None:
     return free
 
 
-def safe_workers(args, ranks: Ranks | None) -> int:
+def safe_workers(args, ranks: Ranks | None, library: str) -> int:
     """--workers, capped at the cores this process may use (unless --oversubscribe) and at what the free
     memory holds: 64 decoding processes on a 2-core node once took 21 GB and another job with them."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -115,11 +121,11 @@ def safe_workers(args, ranks: Ranks | None) -> int:
     if workers > cores and not args.oversubscribe:
         notes.append(f"capped at {cores}, the cores this process may use (--oversubscribe keeps {workers})")
         workers = cores
-    free, each = available_mb(), WORKER_MB[args.decoder] + args.chunk_mb
+    free, each = available_mb(), WORKER_MB[library] + args.chunk_mb
     if free is not None and workers * each > 0.8 * free:
         fit = int(0.8 * free // each)
         if fit < 1:
-            raise UserError(f"--workers: one {args.decoder} decoding process needs about {each:.0f} MB but only "
+            raise UserError(f"--workers: one {library} decoding process needs about {each:.0f} MB but only "
                             f"{free:.0f} MB are free; free memory, or use --decoder pil ({WORKER_MB['pil']} MB each)")
         notes.append(f"reduced to {fit}: {workers} x ~{each:.0f} MB would not fit in the {free:.0f} MB free")
         workers = fit
@@ -136,6 +142,23 @@ def load_source(args, ranks: Ranks | None = None) -> sources.Source:
         return sources.load_idx(args.input, args.name)
     if args.source in ("cifar10", "cifar100"):
         return sources.load_cifar(args.input, args.name, hundred=args.source == "cifar100")
+    if args.source == "nifti":
+        size = tuple(args.size or ())
+        if len(size) != 3 or min(size) < 1:
+            raise UserError(f"--size {' '.join(map(str, size)) or '(missing)'}: the nifti source needs D H W, three "
+                            f"positive numbers (every volume is resampled to it)")
+        window = None
+        if args.window is not None:
+            low, high = args.window
+            if not (np.isfinite(low) and np.isfinite(high) and low < high):
+                raise UserError(f"--window {low:g} {high:g}: expected LOW < HIGH, finite, in the files' units "
+                                f"(e.g. -1000 400 Hounsfield units)")
+            window = (low, high)
+        decoder = sources.Decoder(safe_workers(args, ranks, "nifti"),
+                                  "spawn" if ranks is not None and ranks.size > 1 else "fork", "nifti", window)
+        return sources.load_nifti(args.input, args.name, size, window, decoder)
+    if args.window is not None:
+        raise UserError("--window applies to the nifti source only")
     if args.source == "imagefolder":
         size = None
         if args.size is not None:
@@ -144,8 +167,8 @@ def load_source(args, ranks: Ranks | None = None) -> sources.Source:
             if len(args.size) != 2 or min(args.size) < 1:
                 raise UserError(f"--size {' '.join(map(str, args.size))}: expected H W, two positive numbers")
             size = tuple(args.size)
-        decoder = sources.Decoder(safe_workers(args, ranks), "spawn" if ranks is not None and ranks.size > 1 else "fork",
-                                  args.decoder)
+        decoder = sources.Decoder(safe_workers(args, ranks, args.decoder),
+                                  "spawn" if ranks is not None and ranks.size > 1 else "fork", args.decoder)
         return sources.load_imagefolder(args.input, args.name, size, args.channels, decoder)
     if args.num_classes is not None and args.num_classes < 2:
         raise UserError(f"--num-classes {args.num_classes}: expected at least 2")
@@ -252,7 +275,7 @@ def run(argv=None, ranks: Ranks | None = None) -> dict:
                           f"classifier needs at least 2: nothing was written")
     try:
         source, order, skipped = prepare_source(source, args, ranks)
-        extra = {"skipped": skipped} if args.skip_bad else None
+        extra = dict(source.info, **({"skipped": skipped} if args.skip_bad else {})) or None
         manifest = write_dataset(source, args.out, grid, args.overlap, args.margin, args.val_fraction, args.seed,
                                  force=args.force, full=not args.no_full,
                                  progress=None if not args.quiet else False, ranks=ranks, order=order, extra=extra,

@@ -127,6 +127,7 @@ class Source:
     description: str = ""
     cleanup: list = field(default_factory=list)  # temporary files to remove when done
     recorded: list | None = None  # what the manifest lists (an image folder: its root, not every file)
+    info: dict = field(default_factory=dict)  # source-specific manifest entries (NIfTI: voxel spacing)
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -410,10 +411,10 @@ def _class_folders(path: str) -> list[str]:
         return []
 
 
-def _image_files(folder: str) -> list[str]:
+def _image_files(folder: str, suffixes=IMAGE_SUFFIXES) -> list[str]:
     """Image files by extension (case-insensitive, as torchvision's ``has_file_allowed_extension``)."""
     return sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                  if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith("."))
+                  if f.lower().endswith(suffixes) and not f.startswith("."))
 
 
 def _eight_bit(im, path: str):
@@ -449,7 +450,7 @@ def _sixteen_bit_png(data: bytes) -> bool:
     return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 24 and data[24] == 16
 
 
-def decode_file(path: str, size, channels: int, decoder: str = "torchvision") -> np.ndarray:
+def decode_image_file(path: str, size, channels: int, decoder: str = "torchvision") -> np.ndarray:
     """One image file as (C, H, W) uint8, resized (bilinear, antialiased) to ``size`` if given.
 
     JPEG, PNG, WebP and GIF are decoded by ``torchvision.io.decode_image`` (libjpeg-turbo, libpng;
@@ -508,15 +509,19 @@ def _decode_pil(path: str, data: bytes, size, channels: int) -> np.ndarray:
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
-def _decode_many(paths: list[str], size, channels: int, what: str, decoder: str = "torchvision"):
-    """Worker task: "pixels" -> (n, C, H, W); "hashes" -> content ids; "check" -> (ids, -1 where the
-    file cannot be decoded, messages)."""
-    if decoder == "torchvision":
+def _decode_many(paths: list[str], size, channels: int, what: str, decoder: str = "torchvision", window=None):
+    """Worker task: "pixels" -> (n, C, H, W) (volumes: (n, 1, D, H, W)); "hashes" -> content ids; "check"
+    -> (ids, -1 where the file cannot be decoded, messages)."""
+    if decoder in ("torchvision", "nifti"):
         import torch
 
         torch.set_num_threads(1)
+
+    def decode(p):
+        return decode_volume(p, size, window) if decoder == "nifti" else decode_image_file(p, size, channels, decoder)
+
     if what == "pixels":
-        out = [decode_file(p, size, channels, decoder) for p in paths]
+        out = [decode(p) for p in paths]
         shapes = {a.shape for a in out}
         if len(shapes) > 1:
             raise UserError(f"{paths[0]}: images of different sizes; give --size H W to resize them")
@@ -524,7 +529,7 @@ def _decode_many(paths: list[str], size, channels: int, what: str, decoder: str 
     ids, messages = np.full(len(paths), -1, np.int64), []
     for j, p in enumerate(paths):
         try:
-            a = decode_file(p, size, channels, decoder)
+            a = decode(p)
         except UserError as e:
             if what != "check":
                 raise
@@ -538,15 +543,16 @@ class Decoder:
     """A pool of ``workers`` processes decoding image files (one process: decoded in place) with
     torchvision (default) or PIL (``pil``: no torch in the workers, about 0.5 GB less each)."""
 
-    def __init__(self, workers: int = 1, start: str = "fork", library: str = "torchvision"):
+    def __init__(self, workers: int = 1, start: str = "fork", library: str = "torchvision", window=None):
         self.workers, self.start, self.library, self._pool = max(1, workers), start, library, None
+        self.window = window  # NIfTI volumes: the intensity window (library "nifti")
 
     def map(self, paths: list[str], size, channels: int, what: str) -> list:
         pieces = max(1, min(len(paths), 4 * self.workers))
         bounds = np.linspace(0, len(paths), pieces + 1).astype(int)
         parts = [paths[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         if self.workers == 1 or len(parts) == 1:
-            return [_decode_many(p, size, channels, what, self.library) for p in parts]
+            return [_decode_many(p, size, channels, what, self.library, self.window) for p in parts]
         if self._pool is None:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
@@ -555,7 +561,7 @@ class Decoder:
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(self.start),
                                              initializer=_quiet_worker)
         return list(self._pool.map(_decode_many, parts, [size] * len(parts), [channels] * len(parts),
-                                   [what] * len(parts), [self.library] * len(parts)))
+                                   [what] * len(parts), [self.library] * len(parts), [self.window] * len(parts)))
 
     def close(self, abandon: bool = False) -> None:
         if self._pool is None:
@@ -582,11 +588,11 @@ def _quiet_worker() -> None:
 
 
 class FolderImages(Images):
-    """Image files decoded on demand by a ``Decoder``."""
+    """Image files (or NIfTI volumes: float32) decoded on demand by a ``Decoder``."""
 
-    def __init__(self, files: list[str], size, channels: int, decoder: Decoder):
+    def __init__(self, files: list[str], size, channels: int, decoder: Decoder, dtype=np.uint8):
         self.size, self.channels, self.decoder = size, channels, decoder
-        super().__init__(len(files), (channels,) + tuple(size), np.uint8, self._decode, files)
+        super().__init__(len(files), (channels,) + tuple(size), dtype, self._decode, files)
 
     def _decode(self, rows) -> np.ndarray:
         return np.concatenate(self.decoder.map([self.files[i] for i in rows], self.size, self.channels, "pixels"))
@@ -605,14 +611,14 @@ class FolderImages(Images):
         return np.concatenate([p[0] for p in parts]), [m for p in parts for m in p[1]]
 
 
-def _folder_split(root: str, classes: list[str], where: str):
+def _folder_split(root: str, classes: list[str], where: str, suffixes=IMAGE_SUFFIXES):
     files, labels = [], []
     for k, c in enumerate(classes):
         folder = os.path.join(root, c)
-        found = _image_files(folder) if os.path.isdir(folder) else []
+        found = _image_files(folder, suffixes) if os.path.isdir(folder) else []
         if not found:
-            raise UserError(f"{folder}: empty class folder; expected image files "
-                            f"({', '.join(IMAGE_SUFFIXES[:3])}, ...)")
+            raise UserError(f"{folder}: empty class folder; expected {'volume' if suffixes == VOLUME_SUFFIXES else 'image'}"
+                            f" files ({', '.join(suffixes[:3])}{', ...' if len(suffixes) > 3 else ''})")
         files += found
         labels += [k] * len(found)
     return files, np.asarray(labels, dtype=np.int64)
@@ -647,6 +653,95 @@ def load_imagefolder(path: str, name: str | None = None, size=None, channels: in
         files = files + tfiles
     return Source(name or os.path.basename(os.path.normpath(path)), "imagefolder", classes, train, test,
                   files, f"image folder {os.path.abspath(path)} resized to {size[0]}x{size[1]}", [decoder], [path])
+
+
+# -------------------------------------------------------------------------------------- nifti
+VOLUME_SUFFIXES = (".nii", ".nii.gz")
+
+
+def _nibabel():
+    try:
+        import nibabel
+    except ImportError:
+        raise UserError("the nifti source needs nibabel: pip install 'hpcdd[nifti]' (or nibabel)") from None
+    return nibabel
+
+
+def decode_volume(path: str, size, window=None) -> np.ndarray:
+    """One NIfTI volume as (1, D, H, W) float32: the array axes as stored in the file (no reorientation
+    to RAS: D, H, W are the file's first, second and third axes), intensities clipped to ``window`` (LOW,
+    HIGH in the file's units, e.g. Hounsfield) and scaled to 0..1, resampled trilinearly to ``size``."""
+    nib = _nibabel()
+    try:
+        img = nib.load(path)
+        a = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as e:  # noqa: BLE001 - nibabel, gzip and zlib each raise their own for a damaged file
+        raise UserError(f"{path}: cannot read NIfTI volume ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120] if str(e) else 'truncated or corrupt'})") from None
+    if a.ndim == 4 and a.shape[3] == 1:
+        a = a[..., 0]
+    if a.ndim != 3:
+        raise UserError(f"{path}: a {a.ndim}D image of shape {a.shape}; expected a 3D volume")
+    if not np.all(np.isfinite(a)):
+        raise UserError(f"{path}: contains NaN or Inf voxels")
+    if window is not None:
+        low, high = window
+        a = (np.clip(a, low, high) - np.float32(low)) / np.float32(high - low)
+    if tuple(a.shape) != tuple(size):
+        import torch
+        import torch.nn.functional as F
+
+        a = F.interpolate(torch.from_numpy(np.ascontiguousarray(a))[None, None], size=tuple(size), mode="trilinear",
+                          align_corners=False)[0, 0].numpy()
+    return np.ascontiguousarray(a, dtype=np.float32)[None]
+
+
+def volume_spacing(files: list[str]) -> dict:
+    """Voxel spacing of the files (from their headers alone) as recorded in the manifest."""
+    nib = _nibabel()
+    spacings = []
+    for path in files:
+        try:
+            zooms = [float(v) for v in nib.load(path).header.get_zooms()[:3]]
+            spacings.append((zooms + [1.0] * 3)[:3])  # a 2D file is refused when it is decoded
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"{path}: cannot read NIfTI header ({type(e).__name__}: {str(e)[:120]})") from None
+    s = np.asarray(spacings)
+    return {"source_min": s.min(0).tolist(), "source_max": s.max(0).tolist(),
+            "note": "spacing (mm) of the source volumes per axis, as stored; each was resampled to --size"}
+
+
+def load_nifti(path: str, name: str | None, size, window, decoder: Decoder) -> Source:
+    """One folder per class of NIfTI volumes (``.nii``, ``.nii.gz``), optionally under ``train/`` and
+    ``test/``; every volume resampled to ``size`` (D, H, W) as it is decoded, float32 (0..1 with a window)."""
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: not a directory; expected one sub-folder of NIfTI volumes per class")
+    _nibabel()
+    top = _class_folders(path)
+    presplit = "train" in top and ("test" in top or "val" in top)
+    root = os.path.join(path, "train") if presplit else path
+    classes = _class_folders(root)
+    if not classes:
+        raise UserError(f"{root}: no class folders; expected one sub-folder of NIfTI volumes per class")
+    files, y = _folder_split(root, classes, root, VOLUME_SUFFIXES)
+    check_image_memory((1,) + tuple(size), 4, root)
+    train = Split(FolderImages(files, size, 1, decoder, np.float32), y, np.arange(len(y), dtype=np.int64))
+    test = None
+    if presplit:
+        test_root = os.path.join(path, "test" if "test" in top else "val")
+        if _class_folders(test_root) != classes:
+            raise UserError(f"{test_root}: class folders differ from {root}")
+        tfiles, yte = _folder_split(test_root, classes, test_root, VOLUME_SUFFIXES)
+        test = Split(FolderImages(tfiles, size, 1, decoder, np.float32), yte,
+                     len(y) + np.arange(len(yte), dtype=np.int64))
+        files = files + tfiles
+    what = f"NIfTI folder {os.path.abspath(path)} resampled to {'x'.join(map(str, size))}" + (
+        f", window {window[0]:g}..{window[1]:g} scaled to 0..1" if window else "")
+    source = Source(name or os.path.basename(os.path.normpath(path)), "nifti", classes, train, test, files, what,
+                    [decoder], [path])
+    source.info = {"voxel_spacing": volume_spacing(files), "orientation": "as stored: D, H, W are the file's "
+                   "array axes 0, 1, 2 (no reorientation)", "window": list(window) if window else None}
+    return source
 
 
 # -------------------------------------------------------------------------------------- npz
@@ -802,4 +897,4 @@ def random_subset(n: int, keep: int, seed: int, order: np.ndarray | None = None)
     return np.sort(_draw_order(n, order)[np.random.default_rng(seed).permutation(n)[:keep]])
 
 
-SOURCES = ("idx", "cifar10", "cifar100", "imagefolder", "npz")
+SOURCES = ("idx", "cifar10", "cifar100", "imagefolder", "nifti", "npz")

@@ -32,29 +32,35 @@ def collect(ctx) -> dict:
     agg_wall = agg["dnn"]["wall_seconds"] if agg else None
     decomposed = (local_wall + agg_wall) if local and agg else None
 
-    def row(method, val, test, params, wall, epochs, **extra):
-        rows.append(dict(method=method, val=val, test=test, parameters=params, train_seconds=wall,
+    def row(method, val, test, params, wall, epochs, scored=None, **extra):
+        more = {k: scored[k] for k in SCORES if scored and k in scored}
+        rows.append(dict(method=method, val=val, test=test, **more, parameters=params, train_seconds=wall,
                          seconds_per_epoch=(wall / epochs if wall is not None and epochs else None), **extra))
+
+    def spread(values):
+        return [min(values), float(np.mean(values)), max(values)] if None not in values else None
 
     if glob:
         row("global CNN", glob["val"], glob["test"], glob["parameters"], glob["wall_seconds"], glob["epochs"],
-            best_epoch=glob["best_epoch"])
+            glob, best_epoch=glob["best_epoch"])
     if agg:
         lv = [r["val"] for r in agg["local"]]
         lt = [r["test"] for r in agg["local"]]
         each = [s["parameters"] for s in local["subdomains"]]
+        local_scores = {k: spread([r.get(k) for r in agg["local"]]) for k in SCORES if k in agg["local"][0]}
         row("local CNNs (min / mean / max)", [min(lv), float(np.mean(lv)), max(lv)],
-            [min(lt), float(np.mean(lt)), max(lt)], each, local_wall, cfg.local.epochs)
+            [min(lt), float(np.mean(lt)), max(lt)], each, local_wall, cfg.local.epochs, local_scores)
         meth = agg["methods"]
-        row("average probability", meth["average"]["val"], meth["average"]["test"], local_params, decomposed, None)
-        row("majority vote", meth["vote"]["val"], meth["vote"]["test"], local_params, decomposed, None)
+        row("average probability", meth["average"]["val"], meth["average"]["test"], local_params, decomposed, None,
+            meth["average"])
+        row("majority vote", meth["vote"]["val"], meth["vote"]["test"], local_params, decomposed, None, meth["vote"])
         row("CNN-DNN", meth["dnn"]["val"], meth["dnn"]["test"], local_params + agg["dnn"]["parameters"],
-            decomposed, None, dnn_seconds=agg_wall)
+            decomposed, None, meth["dnn"], dnn_seconds=agg_wall)
     for strategy, res in coherent.items():
         if res:
             params = local_params + agg["dnn"]["parameters"] if agg else None
             row(f"coherent CNN-DNN ({strategy})", res["val"], res["test"], params, res["train_seconds"],
-                res["epochs"], comm_seconds=res["comm_seconds"], initial_val=res["initial_val"],
+                res["epochs"], res, comm_seconds=res["comm_seconds"], initial_val=res["initial_val"],
                 best_epoch=res["best_epoch"])
     speedup = (glob["wall_seconds"] / decomposed) if glob and decomposed else None
     efficiency = flop_efficiency(ctx, speedup) if glob and local else {}
@@ -66,12 +72,36 @@ def collect(ctx) -> dict:
         "epochs": {"local": cfg.local.epochs, "dnn": cfg.dnn.epochs, "global": cfg.global_.epochs,
                    **{f"coherent_{s}": getattr(cfg.coherent, s).epochs for s in cfg.coherent.strategies}},
         "rows": rows,
+        "test_class_counts": test_class_counts(m),
         "decomposed_seconds": decomposed,
         "global_seconds": glob["wall_seconds"] if glob else None,
         "speedup_decomposed_over_global": speedup,
         **efficiency,
         "local_subdomains": agg["local"] if agg else None,
     }
+
+
+SCORES = ("test_balanced", "test_auc")
+
+
+def test_class_counts(m) -> list[int]:
+    with ShardReader(m, 0) as reader:
+        return np.bincount(reader._group("test")["y"][:], minlength=m.k).tolist()
+
+
+def score_columns(results: dict) -> list[tuple[str, str]]:
+    """The (key, header) of the test columns beside accuracy: balanced accuracy where the test split's
+    classes are imbalanced, AUC where there are two classes (hpcdd.metrics)."""
+    from .metrics import imbalanced
+
+    cols = []
+    has = {k for r in results["rows"] for k in SCORES if r.get(k) is not None}
+    counts = results.get("test_class_counts") or []
+    if "test_balanced" in has and imbalanced(counts):
+        cols.append(("test_balanced", "test balanced accuracy"))
+    if "test_auc" in has and len(counts) == 2:
+        cols.append(("test_auc", "test AUC"))
+    return cols
 
 
 def flop_efficiency(ctx, measured: float | None) -> dict:
@@ -105,24 +135,30 @@ def _fmt(v, digits=4):
 
 def markdown(results: dict) -> str:
     r = results
+    cols = score_columns(r)
     lines = [f"# hpcdd results: {r['dataset']}, grid {'x'.join(map(str, r['grid']))}, overlap {r['overlap']}",
              "",
              f"{r['ranks']} rank(s), {r['threads_per_rank']} thread(s) per rank, device {r['device']}, "
              f"model family {r['model_family']}; epochs: " + ", ".join(f"{k} {v}" for k, v in r["epochs"].items())
              + "; samples: " + ", ".join(f"{k} {v}" for k, v in r["splits"].items()) + ".",
              "",
-             "| method | val accuracy | test accuracy | parameters | training wall time (s) | time per epoch (s) "
-             "| best epoch |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| method | val accuracy | test accuracy | " + "".join(f"{h} | " for _, h in cols)
+             + "parameters | training wall time (s) | time per epoch (s) | best epoch |",
+             "| --- | --- | --- | " + "--- | " * len(cols) + "--- | --- | --- | --- |"]
     kept_start = []
     for row in r["rows"]:
         best = row.get("best_epoch")
         if best == 0:
             kept_start.append(row["method"])
-        lines.append(f"| {row['method']} | {_fmt(row['val'])} | {_fmt(row['test'])} | {_fmt(row['parameters'])} | "
-                     f"{_fmt(row['train_seconds'], 1)} | {_fmt(row['seconds_per_epoch'], 2)} | "
-                     f"{'-' if best is None else ('0 (start)' if best == 0 else best)} |")
+        lines.append(f"| {row['method']} | {_fmt(row['val'])} | {_fmt(row['test'])} | "
+                     + "".join(f"{_fmt(row.get(k))} | " for k, _ in cols)
+                     + f"{_fmt(row['parameters'])} | {_fmt(row['train_seconds'], 1)} | "
+                     f"{_fmt(row['seconds_per_epoch'], 2)} | {'-' if best is None else ('0 (start)' if best == 0 else best)} |")
     lines.append("")
+    if cols:
+        lines.append(f"Test split class counts {r['test_class_counts']}: "
+                     + " and ".join(h for _, h in cols) + " beside accuracy (balanced accuracy: the mean of the "
+                     "per-class recalls; AUC: of the probability of the second class).")
     for method in kept_start:
         lines.append(f"{method} never beat its starting point on validation: the row is the model it started from; "
                      f"its training time bought no improvement.")

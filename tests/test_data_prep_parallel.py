@@ -316,11 +316,11 @@ def test_workers_are_capped_by_cores_and_free_memory(tmp_path, folder, monkeypat
     assert f"data_prep: --workers 64 capped at {cores}, the cores this process may use" in proc.stderr
     args = argparse.Namespace(workers=64, oversubscribe=True, decoder="torchvision", chunk_mb=128.0)
     monkeypatch.setattr(cli, "available_mb", lambda: 4000.0)
-    assert cli.safe_workers(args, None) == int(0.8 * 4000 // (cli.WORKER_MB["torchvision"] + 128))
+    assert cli.safe_workers(args, None, "torchvision") == int(0.8 * 4000 // (cli.WORKER_MB["torchvision"] + 128))
     monkeypatch.setattr(cli, "available_mb", lambda: 500.0)
     with pytest.raises(UserError, match="one torchvision decoding process needs about 828 MB but only 500 MB"):
-        cli.safe_workers(args, None)
-    assert cli.safe_workers(argparse.Namespace(workers=4, oversubscribe=True, decoder="pil", chunk_mb=128.0), None) == 2
+        cli.safe_workers(args, None, "torchvision")
+    assert cli.safe_workers(argparse.Namespace(workers=4, oversubscribe=True, decoder="pil", chunk_mb=128.0), None, "pil") == 2
 
 
 def test_sigterm_while_workers_start_stops_within_seconds(tmp_path, folder):

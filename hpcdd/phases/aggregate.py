@@ -14,6 +14,7 @@ import torch
 
 from .. import checkpoint
 from ..aggregators import accuracy, average, vote
+from ..metrics import scores
 from ..coherent import dnn_view
 from ..collectives import bcast_array, gather_rows
 from ..data import TensorData
@@ -160,11 +161,20 @@ def run(ctx) -> None:
             y = labels[s].numpy()
             checkpoint.save_npz(layout.probs(s), probs=probs, logits=logits[s], y=y)
             with torch.no_grad():
-                pred_dnn = dnn(feats[s].to(ctx.device)).argmax(1).cpu().numpy()
-            for name, pred in (("dnn", pred_dnn), ("average", average(probs)), ("vote", vote(probs))):
+                out = dnn(feats[s].to(ctx.device))
+            pred_dnn, p_dnn = out.argmax(1).cpu().numpy(), torch.softmax(out, -1).cpu().numpy()
+            votes = np.stack([(probs.argmax(2) == c).mean(1) for c in range(m.k)], 1)  # a vote's share per class
+            for name, pred, p in (("dnn", pred_dnn, p_dnn), ("average", average(probs), probs.mean(1)),
+                                  ("vote", vote(probs), votes)):
                 results["methods"].setdefault(name, {})[s] = accuracy(pred, y)
+                if s == "test":
+                    results["methods"][name].update(scores(pred, y, m.k, p[:, -1]))
             for i in range(m.n):
                 results["local"][i][s] = accuracy(probs[:, i].argmax(1), y)
+                if s == "test":
+                    results["local"][i].update(scores(probs[:, i].argmax(1), y, m.k, probs[:, i, -1]))
+            if s == "test":
+                results["test_class_counts"] = np.bincount(y, minlength=m.k).tolist()
         info["wall_seconds"] = time.perf_counter() - t0
         results["dnn"] = info
         # where the phase's time goes (rank 0): the local CNNs' inference per split, waiting for the

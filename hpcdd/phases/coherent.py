@@ -16,6 +16,7 @@ import torch
 
 from .. import checkpoint
 from ..aggregators import accuracy
+from ..metrics import scores
 from ..coherent import DistributedCoherent
 from ..engine import Loop, TrainState, make_optimizer, make_scheduler, run_loop, snapshot
 from ..errors import UserError
@@ -25,8 +26,9 @@ from ..training import buffers_of
 from .aggregate import gather_at_root, labels_of, local_groups
 
 
-def coherent_accuracy(ctx, model: DistributedCoherent, split: str) -> float:
-    """Accuracy of the coherent model on a split: outputs gathered at rank 0, the DNN there."""
+def coherent_accuracy(ctx, model: DistributedCoherent, split: str, more: bool = False):
+    """Accuracy of the coherent model on a split: outputs gathered at rank 0, the DNN there. ``more``:
+    (accuracy, the metrics of hpcdd.metrics.scores) instead."""
     n = ctx.manifest.count(split)
     full = gather_at_root(ctx, split, lambda: model.local_outputs(
         {i: ctx.data(i, split) for i in ctx.world.own.subdomains}, np.arange(n), ctx.device, ctx.cfg.eval_batch_size))
@@ -35,10 +37,14 @@ def coherent_accuracy(ctx, model: DistributedCoherent, split: str) -> float:
         z = torch.from_numpy(full).to(ctx.device)
         model.dnn.eval()
         with torch.no_grad():
-            pred = model.dnn(z).argmax(1).cpu().numpy()
+            out = model.dnn(z)
         model.dnn.train()
-        acc = accuracy(pred, labels_of(ctx, split).numpy())
-    return float(ctx.world.bcast_obj(acc))
+        pred, y = out.argmax(1).cpu().numpy(), labels_of(ctx, split).numpy()
+        acc = accuracy(pred, y)
+        if more:
+            acc = (acc, scores(pred, y, ctx.manifest.k, torch.softmax(out, -1)[:, -1].cpu().numpy()))
+    out = ctx.world.bcast_obj(acc)
+    return (float(out[0]), out[1]) if more else float(out)
 
 
 def common_point(world, points: list) -> tuple | None:
@@ -142,14 +148,15 @@ def train_coherent(ctx, strategy: str, t) -> None:
     state = run_loop(loop, device, start)
     ctx.progress.end_training()
     load_weights(model, state.best)
-    test = coherent_accuracy(ctx, model, "test")
+    test, test_scores = coherent_accuracy(ctx, model, "test", more=True)
     if own.replica == 0:
         for i, weights in model.local_state_dicts().items():
             checkpoint.save({"model": weights, "subdomain": i}, layout.coherent_local(strategy, i))
     if world.is_root:
         checkpoint.save({"model": model.dnn.state_dict(), "input": ctx.cfg.dnn.input,
                          "hidden": list(ctx.cfg.dnn.hidden)}, layout.coherent_dnn(strategy))
-        checkpoint.write_json({"strategy": strategy, "val": state.best_val, "test": test, "best_epoch": state.best_epoch,
+        checkpoint.write_json({"strategy": strategy, "val": state.best_val, "test": test, **test_scores,
+                               "best_epoch": state.best_epoch,
                                "initial_val": state.extra["initial_val"], "train_seconds": state.seconds,
                                "comm_seconds": sum(e["comm_seconds"] for e in state.history), "epochs": t.epochs,
                                "comm_bytes_per_step": state.history[-1]["comm_bytes_per_step"] if state.history else 0,

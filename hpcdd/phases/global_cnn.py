@@ -9,7 +9,7 @@ import time
 from .. import checkpoint
 from ..models import count_parameters
 from ..rng import stream_of
-from ..training import Fit, accuracy_of, fit
+from ..training import Fit, fit, test_scores
 
 
 def run(ctx) -> None:
@@ -27,13 +27,14 @@ def run(ctx) -> None:
         on_step=ctx.training("global CNN", ctx.cfg.global_.epochs, {None: model}, share=1 / world.size)))
     ctx.progress.end_training()
     model.load_state_dict(state.best["model"])
-    test = accuracy_of(ctx.models.inference(model), ctx.data(None, "test"), ctx.device, ctx.cfg.eval_batch_size,
+    more = test_scores(ctx.models.inference(model), ctx.data(None, "test"), ctx.device, ctx.cfg.eval_batch_size,
                        everyone)
+    test = more.pop("test")
     if world.is_root:
         for e in state.history:
             ctx.event(phase="global", **e)
         checkpoint.save({"model": state.best["model"]}, layout.global_model)
-        checkpoint.write_json({"val": state.best_val, "test": test, "best_epoch": state.best_epoch,
+        checkpoint.write_json({"val": state.best_val, "test": test, **more, "best_epoch": state.best_epoch,
                                "parameters": count_parameters(model), "train_seconds": state.seconds,
                                "wall_seconds": time.perf_counter() - t0, "epochs": ctx.cfg.global_.epochs,
                                "resumes": state.extra.get("resumes", []), "history": state.history,
