@@ -305,6 +305,7 @@ def train(loop: Loop, state, device):
                     raise TrainingDiverged(
                         f"{loop.name}: the training loss became {value} in epoch {epoch + 1}, by step {step + 1}; "
                         f"lower the learning rate or check the data (checkpoints of earlier epochs are kept)")
+        lr = float(loop.optimizer.param_groups[0]["lr"])  # the rate this epoch trained at, before the step
         loop.scheduler.step()
         if loop.end_epoch is not None:
             loop.end_epoch()
@@ -323,7 +324,7 @@ def train(loop: Loop, state, device):
             event = {"epoch": epoch + 1, "epochs": loop.epochs, "loss": float(stats[m, 0] / max(stats[m, 2], 1)),
                      "train_acc": float(stats[m, 1] / max(stats[m, 2], 1)), "val_acc": float(vals[m]), "seconds": share,
                      "images_per_s": float(stats[m, 2] / max(share, 1e-9)),
-                     "lr": float(loop.optimizer.param_groups[0]["lr"]), **extra}
+                     "lr": lr, **extra}
             s.history.append(event)
             s.seconds += share
             s.images += int(stats[m, 2])

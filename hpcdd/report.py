@@ -63,6 +63,7 @@ def collect(ctx) -> dict:
                 res["epochs"], res, comm_seconds=res["comm_seconds"], initial_val=res["initial_val"],
                 best_epoch=res["best_epoch"])
     speedup = (glob["wall_seconds"] / decomposed) if glob and decomposed else None
+    reach = time_to_accuracy(glob, agg, coherent, decomposed) if glob else None
     efficiency = flop_efficiency(ctx, speedup) if glob and local else {}
     return {
         "tool": f"hpcdd {__version__}",
@@ -78,10 +79,53 @@ def collect(ctx) -> dict:
         "speedup_decomposed_over_global": speedup,
         **efficiency,
         "local_subdomains": agg["local"] if agg else None,
+        "time_to_accuracy": reach,
     }
 
 
 SCORES = ("test_balanced", "test_auc")
+REACH_MARGIN = 0.005  # time to the global CNN's best validation accuracy minus half a point
+
+
+def _first_reach(history: list, target: float, wall: float) -> float | None:
+    """Seconds into a training at the end of its first epoch with val_acc >= target (its wall time
+    spread over the epochs as their training seconds are), None if none reached it."""
+    total = sum(e["seconds"] for e in history) or 1.0
+    done = 0.0
+    for e in history:
+        done += e["seconds"]
+        if e["val_acc"] >= target - 1e-12:
+            return wall * done / total
+    return None
+
+
+def time_to_accuracy(glob: dict, agg: dict | None, coherent: dict, decomposed: float | None) -> dict:
+    """The user's number: when each decomposed method first reached the global CNN's best validation
+    accuracy minus half a point, next to when the global CNN did (its own curve). Average, vote and the
+    CNN-DNN exist at the end of the aggregate phase (local + aggregate wall time); coherent transfer
+    starts there and adds its epochs; coherent scratch starts from nothing."""
+    target = glob["val"] - REACH_MARGIN
+    methods = {}
+    if agg and decomposed is not None:
+        for name, key in (("average probability", "average"), ("majority vote", "vote"), ("CNN-DNN", "dnn")):
+            methods[name] = decomposed if agg["methods"][key]["val"] >= target - 1e-12 else None
+    for strategy, res in coherent.items():
+        if not res:
+            continue
+        name = f"coherent CNN-DNN ({strategy})"
+        if strategy == "transfer":
+            if decomposed is None:
+                continue
+            after = 0.0 if res["initial_val"] >= target - 1e-12 else _first_reach(res["history"], target,
+                                                                                   res["train_seconds"])
+            methods[name] = None if after is None else decomposed + after
+        else:
+            methods[name] = _first_reach(res["history"], target, res["train_seconds"])
+    own = _first_reach(glob["history"], target, glob["wall_seconds"])
+    reached = {k: v for k, v in methods.items() if v is not None}
+    best = min(reached, key=reached.get) if reached else None
+    return {"target_val": target, "global_seconds": own, "seconds": methods, "best": best,
+            "ratio": (reached[best] / own) if best and own else None}
 
 
 def test_class_counts(m) -> list[int]:
@@ -168,6 +212,15 @@ def markdown(results: dict) -> str:
     if exported:
         lines.append(f"Exported to model.pt (for hpcdd-predict): {exported['method']}, the CNN-DNN with the best "
                      f"validation accuracy ({exported['val']:.4f}).")
+    reach = r.get("time_to_accuracy")
+    if reach and reach["global_seconds"]:
+        own = reach["global_seconds"]
+        parts = [f"{m} " + ("not reached" if t is None else f"{t:.1f} s ({t / own:.2f}x)")
+                 for m, t in reach["seconds"].items()]
+        lines.append(f"Time to the global CNN's best validation accuracy minus 0.5 points ({reach['target_val']:.4f}): "
+                     f"global CNN {reach['global_seconds']:.1f} s; " + "; ".join(parts)
+                     + (f". Fastest: {reach['best']}, {reach['ratio']:.2f}x the global CNN's time." if reach["best"]
+                        else ". No decomposed method reached it."))
     if r["speedup_decomposed_over_global"]:
         lines.append(f"Decomposed pipeline (local + aggregate): {r['decomposed_seconds']:.1f} s; global CNN: "
                      f"{r['global_seconds']:.1f} s; speedup {r['speedup_decomposed_over_global']:.2f}x.")

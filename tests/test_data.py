@@ -253,3 +253,24 @@ def test_an_edited_manifest_is_refused_and_can_be_resealed(data):
         load_manifest(str(data))
     assert main(["reseal", str(data)]) == 0
     assert load_manifest(str(data)).std[0] == pytest.approx(m["std"][0] * 2)
+
+
+def test_each_epoch_logs_the_learning_rate_it_trained_at(data):
+    """The epoch record's lr is the rate of that epoch (read before the schedule steps): cosine over 3
+    epochs trains at lr, lr (1 + cos(pi/3)) / 2, lr (1 + cos(2 pi/3)) / 2."""
+    import math
+
+    import torch
+
+    from hpcdd.config import ModelConfig, TrainConfig
+    from hpcdd.models import build_model
+    from hpcdd.rng import stream_of
+    from hpcdd.training import Fit, fit
+
+    m = load_manifest(str(data))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(widths=[4, 8]), 1, (15, 15), 10, 1.0)
+    res = fit(model, Fit(name="local subdomain 1", train=SplitData.load(ShardReader(m, 1), "train"),
+                         val=SplitData.load(ShardReader(m, 1), "val"), t=TrainConfig(epochs=3, batch_size=64, lr=0.01),
+                         stream=stream_of(0, "local", 1), device=torch.device("cpu")))
+    assert [e["lr"] for e in res.history] == pytest.approx([0.01 * (1 + math.cos(math.pi * e / 3)) / 2 for e in range(3)])

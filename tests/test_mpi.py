@@ -169,6 +169,20 @@ def test_all_phases_report_and_predict(runs, small_data):
         tests = row["test"] if isinstance(row["test"], list) else [row["test"]]
         assert all(f"{v:.4f}" in line for v in tests), (line, row)
     assert f"FLOP-ideal speedup {res['flop_ideal_speedup']:.2f}x" in md and f"efficiency {res['efficiency']:.2f}" in md
+    # time to the global CNN's best validation accuracy minus 0.5 points, from the phases' epoch curves
+    reach = res["time_to_accuracy"]
+    glob_row = _row(res, "global CNN")
+    assert reach["target_val"] == pytest.approx(glob_row["val"] - 0.005)
+    assert 0 < reach["global_seconds"] <= res["global_seconds"] + 1e-9
+    for method, seconds in reach["seconds"].items():
+        if method in ("average probability", "majority vote", "CNN-DNN"):  # known at the end of the aggregate phase
+            reached = _row(res, method)["val"] >= reach["target_val"] - 1e-12
+            assert seconds == (pytest.approx(res["decomposed_seconds"]) if reached else None), (method, seconds)
+    reached = {m: t for m, t in reach["seconds"].items() if t is not None}
+    if reached:
+        assert reach["best"] == min(reached, key=reached.get)
+        assert reach["ratio"] == pytest.approx(reached[reach["best"]] / reach["global_seconds"])
+    assert f"Time to the global CNN's best validation accuracy minus 0.5 points ({reach['target_val']:.4f})" in md
     from PIL import Image
 
     for png, size in (("accuracy.png", (800, 400)), ("training_curves.png", (1400, 460)),

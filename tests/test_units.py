@@ -172,8 +172,8 @@ def test_no_two_trainings_share_a_random_stream():
                 assert dropouts.setdefault(counters, (seed, name, epoch)) == (seed, name, epoch), (seed, name)
 
 
-@pytest.mark.parametrize("compile_", ["off", "on"])
-def test_accelerated_cnn_computes_what_the_plain_one_does(compile_):
+@pytest.mark.parametrize("compile_,spatial", [("off", (12, 12)), ("on", (12, 12)), ("off", (6, 8, 10))])
+def test_accelerated_cnn_computes_what_the_plain_one_does(compile_, spatial):
     """channels_last (and torch.compile, applied in place): same outputs and gradients to float
     tolerance, same state_dict keys, so checkpoints and exports do not change. (No dropout here:
     compiled code draws its dropout masks from its own generator.)"""
@@ -187,12 +187,15 @@ def test_accelerated_cnn_computes_what_the_plain_one_does(compile_):
         pytest.skip(compiler_problem("cpu"))
     torch.manual_seed(0)
     spec = ModelConfig(widths=[8, 16], dropout=0.0)
-    plain = build_model(spec, 1, (12, 12), 10, 1.0)
-    fast = build_model(spec, 1, (12, 12), 10, 1.0)
+    plain = build_model(spec, 1, spatial, 10, 1.0)
+    fast = build_model(spec, 1, spatial, 10, 1.0)
     fast.load_state_dict(plain.state_dict())
-    fast = accelerate(fast, 2, PerformanceConfig(channels_last="on", compile=compile_), "cpu")
+    fast = accelerate(fast, len(spatial), PerformanceConfig(channels_last="on", compile=compile_), "cpu")
     assert list(fast.state_dict()) == list(plain.state_dict())
-    x = torch.randn(6, 1, 12, 12)
+    fmt = torch.channels_last_3d if len(spatial) == 3 else torch.channels_last
+    conv = next(m for m in fast.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)))
+    assert conv.weight.is_contiguous(memory_format=fmt)  # 3D CNNs run channels-last too (channels_last_3d)
+    x = torch.randn(6, 1, *spatial)
     plain.eval(), fast.eval()
     torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-5)
     plain.train(), fast.train()
