@@ -156,6 +156,7 @@ def load_source(args, ranks: Ranks | None = None) -> sources.Source:
             window = (low, high)
         decoder = sources.Decoder(safe_workers(args, ranks, "nifti"),
                                   "spawn" if ranks is not None and ranks.size > 1 else "fork", "nifti", window)
+        decoder.stop_check = check_terminated
         return sources.load_nifti(args.input, args.name, size, window, decoder)
     if args.window is not None:
         raise UserError("--window applies to the nifti source only")
@@ -169,6 +170,7 @@ def load_source(args, ranks: Ranks | None = None) -> sources.Source:
             size = tuple(args.size)
         decoder = sources.Decoder(safe_workers(args, ranks, args.decoder),
                                   "spawn" if ranks is not None and ranks.size > 1 else "fork", args.decoder)
+        decoder.stop_check = check_terminated
         return sources.load_imagefolder(args.input, args.name, size, args.channels, decoder)
     if args.num_classes is not None and args.num_classes < 2:
         raise UserError(f"--num-classes {args.num_classes}: expected at least 2")
@@ -293,6 +295,14 @@ def run(argv=None, ranks: Ranks | None = None) -> dict:
     return manifest
 
 
+def _quiet_stops(unraisable) -> None:
+    """A SIGTERM stop that Python dropped (raised inside a weakref callback or a fork handler) is not
+    printed: the flag it left stops the preparation at the next check (``check_terminated``)."""
+    if isinstance(unraisable.exc_value, Terminated):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def reseal(argv) -> int:
     """``hpcdd-prep reseal DATA``: seal a manifest.json that a user edited on purpose, after checking it."""
     from hpcdd.checkpoint import read_json, write_json
@@ -324,6 +334,7 @@ def main(argv=None) -> int:
         except UserError as e:
             fail(str(e))
     signal.signal(signal.SIGTERM, terminate)
+    sys.unraisablehook = _quiet_stops
     ranks = None
     try:
         args = build_parser().parse_args(argv)

@@ -546,6 +546,7 @@ class Decoder:
     def __init__(self, workers: int = 1, start: str = "fork", library: str = "torchvision", window=None):
         self.workers, self.start, self.library, self._pool = max(1, workers), start, library, None
         self.window = window  # NIfTI volumes: the intensity window (library "nifti")
+        self.stop_check = lambda: None  # called while waiting for the workers: raises to stop (data_prep.cli)
 
     def map(self, paths: list[str], size, channels: int, what: str) -> list:
         pieces = max(1, min(len(paths), 4 * self.workers))
@@ -560,8 +561,14 @@ class Decoder:
             # fork starts in milliseconds; under MPI, spawn (a forked MPI process is not safe everywhere)
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(self.start),
                                              initializer=_quiet_worker)
-        return list(self._pool.map(_decode_many, parts, [size] * len(parts), [channels] * len(parts),
-                                   [what] * len(parts), [self.library] * len(parts), [self.window] * len(parts)))
+        from concurrent.futures import FIRST_EXCEPTION, wait
+
+        futures = [self._pool.submit(_decode_many, p, size, channels, what, self.library, self.window) for p in parts]
+        while not wait(futures, timeout=0.1, return_when=FIRST_EXCEPTION).not_done == set():
+            self.stop_check()  # a SIGTERM whose exception Python dropped (in a fork or weakref callback)
+            if any(f.done() and f.exception() is not None for f in futures):
+                break
+        return [f.result() for f in futures]
 
     def close(self, abandon: bool = False) -> None:
         if self._pool is None:
@@ -624,33 +631,47 @@ def _folder_split(root: str, classes: list[str], where: str, suffixes=IMAGE_SUFF
     return files, np.asarray(labels, dtype=np.int64)
 
 
-def load_imagefolder(path: str, name: str | None = None, size=None, channels: int = 3,
-                     decoder: Decoder | None = None) -> Source:
-    """One folder per class of JPEG/PNG files (torchvision's ImageFolder layout); ``train/`` and
-    ``test/`` (or ``val/``) subfolders if split. Nothing is decoded here but the first image (for
-    its size when ``size`` is not given)."""
+def _folder_layout(path: str, kind: str, suffixes=IMAGE_SUFFIXES):
+    """One folder of files per class, optionally under ``train/`` and ``test/`` (or ``val/``): the class
+    names and the (files, labels) of the training split and of the test split (None if not split)."""
     if not os.path.isdir(path):
-        raise UserError(f"{path}: not a directory; expected one sub-folder of images per class")
-    decoder = decoder or Decoder()
+        raise UserError(f"{path}: not a directory; expected one sub-folder of {kind} per class")
     top = _class_folders(path)
     presplit = "train" in top and ("test" in top or "val" in top)
     root = os.path.join(path, "train") if presplit else path
     classes = _class_folders(root)
     if not classes:
-        raise UserError(f"{root}: no class folders; expected one sub-folder of images per class")
-    files, y = _folder_split(root, classes, root)
-    if size is None:
-        size = _image_size(files[0])
-    check_image_memory((channels,) + tuple(size), 1, root)
-    train = Split(FolderImages(files, size, channels, decoder), y, np.arange(len(y), dtype=np.int64))
+        raise UserError(f"{root}: no class folders; expected one sub-folder of {kind} per class")
+    train = _folder_split(root, classes, root, suffixes)
     test = None
     if presplit:
         test_root = os.path.join(path, "test" if "test" in top else "val")
         if _class_folders(test_root) != classes:
             raise UserError(f"{test_root}: class folders differ from {root}")
-        tfiles, yte = _folder_split(test_root, classes, test_root)
-        test = Split(FolderImages(tfiles, size, channels, decoder), yte, len(y) + np.arange(len(yte), dtype=np.int64))
-        files = files + tfiles
+        test = _folder_split(test_root, classes, test_root, suffixes)
+    return root, classes, train, test
+
+
+def _folder_splits(train, test, images):
+    """Splits of a folder layout, ``images(files)`` reading each split's files; sample ids run on."""
+    (files, y), out = train, [Split(images(train[0]), train[1], np.arange(len(train[1]), dtype=np.int64))]
+    if test is not None:
+        out.append(Split(images(test[0]), test[1], len(y) + np.arange(len(test[1]), dtype=np.int64)))
+        files = files + test[0]
+    return out[0], (out[1] if test is not None else None), files
+
+
+def load_imagefolder(path: str, name: str | None = None, size=None, channels: int = 3,
+                     decoder: Decoder | None = None) -> Source:
+    """One folder per class of JPEG/PNG files (torchvision's ImageFolder layout); ``train/`` and
+    ``test/`` (or ``val/``) subfolders if split. Nothing is decoded here but the first image (for
+    its size when ``size`` is not given)."""
+    decoder = decoder or Decoder()
+    root, classes, train, test = _folder_layout(path, "images")
+    if size is None:
+        size = _image_size(train[0][0])
+    check_image_memory((channels,) + tuple(size), 1, root)
+    train, test, files = _folder_splits(train, test, lambda f: FolderImages(f, size, channels, decoder))
     return Source(name or os.path.basename(os.path.normpath(path)), "imagefolder", classes, train, test,
                   files, f"image folder {os.path.abspath(path)} resized to {size[0]}x{size[1]}", [decoder], [path])
 
@@ -714,27 +735,10 @@ def volume_spacing(files: list[str]) -> dict:
 def load_nifti(path: str, name: str | None, size, window, decoder: Decoder) -> Source:
     """One folder per class of NIfTI volumes (``.nii``, ``.nii.gz``), optionally under ``train/`` and
     ``test/``; every volume resampled to ``size`` (D, H, W) as it is decoded, float32 (0..1 with a window)."""
-    if not os.path.isdir(path):
-        raise UserError(f"{path}: not a directory; expected one sub-folder of NIfTI volumes per class")
     _nibabel()
-    top = _class_folders(path)
-    presplit = "train" in top and ("test" in top or "val" in top)
-    root = os.path.join(path, "train") if presplit else path
-    classes = _class_folders(root)
-    if not classes:
-        raise UserError(f"{root}: no class folders; expected one sub-folder of NIfTI volumes per class")
-    files, y = _folder_split(root, classes, root, VOLUME_SUFFIXES)
+    root, classes, train, test = _folder_layout(path, "NIfTI volumes", VOLUME_SUFFIXES)
     check_image_memory((1,) + tuple(size), 4, root)
-    train = Split(FolderImages(files, size, 1, decoder, np.float32), y, np.arange(len(y), dtype=np.int64))
-    test = None
-    if presplit:
-        test_root = os.path.join(path, "test" if "test" in top else "val")
-        if _class_folders(test_root) != classes:
-            raise UserError(f"{test_root}: class folders differ from {root}")
-        tfiles, yte = _folder_split(test_root, classes, test_root, VOLUME_SUFFIXES)
-        test = Split(FolderImages(tfiles, size, 1, decoder, np.float32), yte,
-                     len(y) + np.arange(len(yte), dtype=np.int64))
-        files = files + tfiles
+    train, test, files = _folder_splits(train, test, lambda f: FolderImages(f, size, 1, decoder, np.float32))
     what = f"NIfTI folder {os.path.abspath(path)} resampled to {'x'.join(map(str, size))}" + (
         f", window {window[0]:g}..{window[1]:g} scaled to 0..1" if window else "")
     source = Source(name or os.path.basename(os.path.normpath(path)), "nifti", classes, train, test, files, what,

@@ -29,7 +29,7 @@ def collect(ctx) -> dict:
     rows = []
     local_params = sum(s["parameters"] for s in local["subdomains"]) if local else None
     local_wall = local["wall_seconds"] if local else None
-    agg_wall = agg["dnn"]["wall_seconds"] if agg else None
+    agg_wall = agg["dnn"]["wall_seconds"] if agg else None  # the whole aggregate phase (rank 0), not the DNN alone
     decomposed = (local_wall + agg_wall) if local and agg else None
 
     def row(method, val, test, params, wall, epochs, scored=None, **extra):
@@ -55,7 +55,8 @@ def collect(ctx) -> dict:
             meth["average"])
         row("majority vote", meth["vote"]["val"], meth["vote"]["test"], local_params, decomposed, None, meth["vote"])
         row("CNN-DNN", meth["dnn"]["val"], meth["dnn"]["test"], local_params + agg["dnn"]["parameters"],
-            decomposed, None, meth["dnn"], dnn_seconds=agg_wall)
+            decomposed, None, meth["dnn"], aggregate_seconds=agg_wall,
+            dnn_seconds=agg.get("seconds", {}).get("dnn"))
     for strategy, res in coherent.items():
         if res:
             params = local_params + agg["dnn"]["parameters"] if agg else None

@@ -30,6 +30,7 @@ def prep(*args, ranks=None, timeout=300):
 def manifest_of(out) -> dict:
     m = json.load(open(os.path.join(out, "manifest.json")))
     m.pop("created")
+    m.pop("manifest_sha256")  # its seal covers the creation time
     return m
 
 
@@ -179,7 +180,8 @@ def _rank_pid(rank: int, marker: str) -> int | None:
             env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
         except OSError:
             continue
-        if b"data_prep" in cmd and marker.encode() in b" ".join(cmd) and f"PMI_RANK={rank}".encode() in env:
+        if b"data_prep" in cmd and marker.encode() in b" ".join(cmd) and (
+                f"PMI_RANK={rank}".encode() in env or f"OMPI_COMM_WORLD_RANK={rank}".encode() in env):
             return int(pid)
     return None
 
@@ -275,7 +277,16 @@ def test_a_signal_to_the_launcher_ends_every_rank(tmp_path, folder, launcher, si
     assert not any(os.path.exists(f"/proc/{p}") for p in pids), "a rank outlived its launcher"
     assert proc.returncode != 0
     assert "Traceback" not in err, err[-2000:]
-    assert not out.exists() and list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+    assert not out.exists()
+    left = list(tmp_path.iterdir())
+    if launcher == "openmpi" and left:
+        # mpirun follows Ctrl-C with SIGKILL about a second later: on a loaded machine rank 0 may not finish
+        # removing its hidden folder; then its writer's lock is gone and the next prep of OUT removes it
+        from data_prep.writer import leftovers
+
+        assert sorted(map(str, left)) == leftovers(str(out)) and not any((p / "manifest.json").exists() for p in left)
+    else:
+        assert left == [], left
 
 
 def test_a_killed_preparation_leaves_nothing_for_long(tmp_path, folder):

@@ -320,3 +320,19 @@ def test_epoch_records_keep_the_last_of_each_epoch(tmp_path):
     got = epoch_records(str(tmp_path / "metrics.jsonl"))
     assert [(e["phase"], e.get("subdomain"), e["epoch"], e["loss"]) for e in got] == [
         ("local", 0, 1, 2.0), ("local", 1, 1, 2.5), ("local", 0, 2, 1.8), ("coherent", None, 1, 1.0)]
+
+
+def test_gpu_check_stops_at_once_without_a_gpu():
+    """benchmarks/gpu_check.py, prepared for a session lent a GPU: where none is visible it says so in one
+    line and exits 2 before any work (no data prepared, nothing trained)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, env_for_tests
+
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py"], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env=env_for_tests(CUDA_VISIBLE_DEVICES=""))
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and proc.stdout == "" and len(lines) == 1, (proc.returncode, proc.stdout, proc.stderr)
+    assert lines[0].startswith("gpu_check: no CUDA device visible") and time.time() - t0 < 60
