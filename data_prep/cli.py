@@ -135,6 +135,15 @@ def safe_workers(args, ranks: Ranks | None, library: str) -> int:
     return workers
 
 
+def decoder_for(args, ranks: Ranks | None, library: str, window=None) -> sources.Decoder:
+    """The pool that decodes a folder's files: safe worker count; spawn under MPI (a forked MPI process is
+    not safe everywhere), fork otherwise; a SIGTERM seen while it waits for its workers."""
+    decoder = sources.Decoder(safe_workers(args, ranks, library),
+                              "spawn" if ranks is not None and ranks.size > 1 else "fork", library, window)
+    decoder.stop_check = check_terminated
+    return decoder
+
+
 def load_source(args, ranks: Ranks | None = None) -> sources.Source:
     if not os.path.exists(args.input):
         raise UserError(f"INPUT {args.input}: no such file or directory")
@@ -154,10 +163,7 @@ def load_source(args, ranks: Ranks | None = None) -> sources.Source:
                 raise UserError(f"--window {low:g} {high:g}: expected LOW < HIGH, finite, in the files' units "
                                 f"(e.g. -1000 400 Hounsfield units)")
             window = (low, high)
-        decoder = sources.Decoder(safe_workers(args, ranks, "nifti"),
-                                  "spawn" if ranks is not None and ranks.size > 1 else "fork", "nifti", window)
-        decoder.stop_check = check_terminated
-        return sources.load_nifti(args.input, args.name, size, window, decoder)
+        return sources.load_nifti(args.input, args.name, size, window, decoder_for(args, ranks, "nifti", window))
     if args.window is not None:
         raise UserError("--window applies to the nifti source only")
     if args.source == "imagefolder":
@@ -168,10 +174,8 @@ def load_source(args, ranks: Ranks | None = None) -> sources.Source:
             if len(args.size) != 2 or min(args.size) < 1:
                 raise UserError(f"--size {' '.join(map(str, args.size))}: expected H W, two positive numbers")
             size = tuple(args.size)
-        decoder = sources.Decoder(safe_workers(args, ranks, args.decoder),
-                                  "spawn" if ranks is not None and ranks.size > 1 else "fork", args.decoder)
-        decoder.stop_check = check_terminated
-        return sources.load_imagefolder(args.input, args.name, size, args.channels, decoder)
+        return sources.load_imagefolder(args.input, args.name, size, args.channels,
+                                        decoder_for(args, ranks, args.decoder))
     if args.num_classes is not None and args.num_classes < 2:
         raise UserError(f"--num-classes {args.num_classes}: expected at least 2")
     return sources.load_npz(args.input, args.name, True if args.volume else None, args.num_classes)
