@@ -51,7 +51,8 @@ class OptimConfig:
 class TrainConfig(OptimConfig):
     """A CNN training (local, global, coherent strategies)."""
 
-    augment_shift: int = 0
+    augment_shift: int = 0  # pixels the whole image moves (needs shards prepared with --margin >= it)
+    augment_flip: bool = False  # left-right flip of the whole image (a mirror-symmetric grid)
 
 
 @dataclass
@@ -145,6 +146,12 @@ def all_keys(cls=Config, prefix: str = "") -> dict[str, type]:
 
 
 def _suggest(key: str) -> str:
+    tail = key.split(".")[-1]
+    if tail.startswith("augment"):
+        from .augmentation import NAMES
+
+        trainings = [k.rsplit(".", 1)[0] for k in all_keys() if k.endswith("." + NAMES[0])]
+        return f"; the augmentations are {', '.join(NAMES)}, of {', '.join(trainings)}"
     close = difflib.get_close_matches(key, list(all_keys()), n=1, cutoff=0.5)
     if not close:
         tail = key.split(".")[-1]

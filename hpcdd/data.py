@@ -255,6 +255,7 @@ class SplitData:
     scale: float
     margin: int
     plan: StreamPlan | None = None  # the training's order (chunk-aware when any of its shards streams)
+    mirror: "SplitData | None" = None  # the mirror subdomain's split, which a flipped sample shows flipped
     _windows: "object" = None
 
     @classmethod
@@ -311,27 +312,43 @@ class SplitData:
             self._windows = None
         self.reader.close()
 
-    def schedule(self, order: np.ndarray) -> None:
+    def schedule(self, order: np.ndarray, mirror: bool = True) -> None:
         """The epoch's row order (its minibatches in turn): a streamed split reads it window by
-        window, one window ahead in a background thread."""
-        if self.x is None and self.plan is not None:
+        window, one window ahead in a background thread (its mirror's too: flips read from it).
+        An order already scheduled (a fused member that is another's mirror) is kept."""
+        if self.x is None and self.plan is not None and (self._windows is None or self._windows.order is not order):
             if self._windows is not None:
                 self._windows.close()
             self._windows = WindowReader(self, order, self.plan)
+        if mirror and self.mirror is not None and self.mirror is not self:
+            self.mirror.schedule(order, mirror=False)
 
-    def batch(self, rows: np.ndarray, shifts: np.ndarray | None = None):
-        """(x, y) for the given rows, cropped to the subimage (shifted by ``shifts`` if given)."""
+    def _rows(self, rows: np.ndarray):
+        """(x, y) of the given rows, normalised, with the stored margin; x a new tensor."""
         import torch
 
         if self.x is not None:
             idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
-            x, y = self.x.index_select(0, idx.to(self.x.device)), self.y.index_select(0, idx)
-        elif self._windows is not None and self._windows.covers(rows):
-            x, y = self._windows.rows(np.asarray(rows)), self.y.index_select(0, torch.from_numpy(np.asarray(rows)))
-        else:
-            xr, yr = self.reader.read_rows(self.split, np.asarray(rows))
-            x, y = self._normalise(torch.from_numpy(xr)), torch.from_numpy(yr)
-        return crop(x, self.margin, shifts), y
+            return self.x.index_select(0, idx.to(self.x.device)), self.y.index_select(0, idx)
+        if self._windows is not None and self._windows.covers(rows):
+            return self._windows.rows(np.asarray(rows)), self.y.index_select(0, torch.from_numpy(np.asarray(rows)))
+        xr, yr = self.reader.read_rows(self.split, np.asarray(rows))
+        return self._normalise(torch.from_numpy(xr)), torch.from_numpy(yr)
+
+    def batch(self, rows: np.ndarray, aug=None):
+        """(x, y) for the given rows, cropped to the subimage; ``aug`` (``augmentation.Augmentation``
+        of these rows): flipped samples are the mirror's subimages flipped, then every window shifted."""
+        import torch
+
+        x, y = self._rows(rows)
+        if aug is None:
+            return crop(x, self.margin), y
+        if aug.flips is not None and aug.flips.any():
+            if self.mirror is None:
+                raise RuntimeError(f"{self.reader.path}: flipped samples need the mirror's split (DataCache mirrored=True)")
+            flipped = np.flatnonzero(aug.flips)
+            x[torch.from_numpy(flipped).to(x.device)] = self.mirror._rows(np.asarray(rows)[flipped])[0].flip(-1)
+        return crop(x, self.margin, aug.shifts), y
 
 
 class MemberData:
@@ -366,10 +383,10 @@ class MemberData:
         for s in self.splits:
             s.schedule(order)
 
-    def batch(self, rows: np.ndarray, shifts: np.ndarray | None = None):
+    def batch(self, rows: np.ndarray, aug=None):
         import torch
 
-        parts = [s.batch(rows, shifts) for s in self.splits]
+        parts = [s.batch(rows, aug) for s in self.splits]
         return torch.cat([x for x, _ in parts], 1), torch.stack([y for _, y in parts], 1)
 
 
@@ -384,7 +401,7 @@ class WindowReader:
     def __init__(self, data: SplitData, order: np.ndarray, plan: StreamPlan):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.data, self.block = data, plan.block
+        self.data, self.block, self.order = data, plan.block, order
         n = len(data)
         blocks = np.asarray(order, dtype=np.int64) // plan.block
         ids, first = np.unique(blocks, return_index=True)
@@ -463,7 +480,7 @@ class TensorData:
 
     dims = 0
 
-    def batch(self, rows: np.ndarray, shifts=None):
+    def batch(self, rows: np.ndarray, aug=None):
         import torch
 
         idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))

@@ -106,6 +106,24 @@ class Decomposition:
             box.append((start, stop))
         return tuple(box)
 
+    def mirror(self, i: int) -> int:
+        """The subdomain whose subimage, flipped left-right, is subdomain ``i`` of the flipped image:
+        (r, c) -> (r, nx-1-c) (the last axis is the width, in 2D and 3D)."""
+        c = list(self.coords(i))
+        c[-1] = self.grid[-1] - 1 - c[-1]
+        return int(np.ravel_multi_index(c, self.grid))
+
+    def asymmetry(self) -> str | None:
+        """None when the grid is mirror-symmetric left-right (the box of (r, nx-1-c) is the mirror
+        image of the box of (r, c)); otherwise the first pair that is not, in words."""
+        width = self.image_shape[-1]
+        for i in range(self.n):
+            (start, stop), m = self.box(i)[-1], self.mirror(i)
+            if self.box(m)[-1] != (width - stop, width - start):
+                return (f"subdomain {i} spans columns {start}..{stop - 1} but its mirror {m} spans "
+                        f"{self.box(m)[-1][0]}..{self.box(m)[-1][1] - 1} of {width}")
+        return None
+
     def boxes(self) -> list[tuple[tuple[int, int], ...]]:
         return [self.box(i) for i in range(self.n)]
 

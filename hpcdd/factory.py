@@ -83,7 +83,15 @@ class DataCache:
         self.on_device = on_device
         self._data: dict = {}
 
-    def __call__(self, index: int | None, split: str) -> SplitData:
+    def __call__(self, index: int | None, split: str, mirrored: bool = False) -> SplitData:
+        """Split ``split`` of shard ``index``; ``mirrored``: with its mirror's (``augment_flip``)."""
+        data = self._load(index, split)
+        if mirrored and data.mirror is None:
+            mirror = index if index is None else self.manifest.decomposition().mirror(index)
+            data.mirror = data if mirror == index else self._load(mirror, split)
+        return data
+
+    def _load(self, index: int | None, split: str) -> SplitData:
         key = (index, split)
         if key not in self._data:
             m = self.manifest

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -98,6 +99,23 @@ class StopFlag:
 
         MPI.Request.Waitall(self._requests)
         self._requests = []
+
+
+REQUEUE_GRACE = 60.0  # seconds a rank waits for SLURM to end it after a requeue
+
+
+def await_requeue_kill(grace: float = REQUEUE_GRACE) -> None:
+    """Under SLURM, wait (at most ``grace`` s) for the requeue to end this process with the job.
+
+    No rank exits first: srun --kill-on-bad-exit would take an early exit 75 for a failure and end
+    the step while rank 0 is still requeueing, and a batch script that exits on its own before the
+    requeue lands can leave the job FAILED instead of pending. If rank 0's requeue fails it exits
+    75 at once and srun ends the waiting ranks; the preemption signals kill again (default action)."""
+    if not os.environ.get("SLURM_JOB_ID"):
+        return
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    time.sleep(grace)
 
 
 def requeue_slurm_job(log) -> bool:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 # purposes mixed into seeds, so that no two random streams coincide (values are part of the results)
-TAG_INIT, TAG_ORDER, TAG_DROPOUT, TAG_SHIFT, TAG_DNN, TAG_COHERENT, TAG_GLOBAL = range(1, 8)
+TAG_INIT, TAG_ORDER, TAG_DROPOUT, TAG_SHIFT, TAG_DNN, TAG_COHERENT, TAG_GLOBAL, TAG_FLIP = range(1, 9)
 STRATEGY_TAGS = {"scratch": 0, "transfer": 1}
 
 _M64 = (1 << 64) - 1
@@ -73,9 +73,9 @@ def chunked_permutation(key: int, n: int, block: int, window: int) -> np.ndarray
 
 @dataclass(frozen=True)
 class Stream:
-    """The random streams of one training: minibatch order and shifts, and per-step dropout seeds.
+    """The random streams of one training: minibatch order, shifts and flips, and per-step dropout seeds.
 
-    ``order_key`` names the minibatch order and shift stream: the local CNNs and the global CNN
+    ``order_key`` names the minibatch order and augmentation stream: the local CNNs and the global CNN
     share the empty key (every CNN sees the same samples in the same order, a fair comparison);
     the coherent strategies and the DNN have their own. ``key`` names the dropout stream and is
     unique per trained model (e.g. ``(0, i)`` for local CNN ``i``).
@@ -102,6 +102,11 @@ class Stream:
         if max_shift <= 0:
             return None
         return per_sample_ints(mix(self.seed, TAG_SHIFT, *self.order_key, epoch), ids, -max_shift, max_shift, dims)
+
+    def flips(self, epoch: int, ids: np.ndarray) -> np.ndarray:
+        """Per-sample left-right flip of the whole image (half of the samples), a function of (seed,
+        epoch, sample id) only, like ``shifts``."""
+        return per_sample_ints(mix(self.seed, TAG_FLIP, *self.order_key, epoch), ids, 0, 1)[:, 0].astype(bool)
 
     def step_counters(self, epoch: int, step: int, *more: int) -> tuple:
         """The counters that seed the dropout of one step (``seed_torch(*counters)``)."""

@@ -44,7 +44,16 @@ def _validate_data(cfg: Config, world: World) -> Manifest:
         if manifest.count(split) < 1:
             raise UserError(f"{cfg.data}: the {split} split is empty; re-run data_prep")
     deep = manifest.dtype != "uint8"
-    for i in own.subdomains:
+    decomposed = (("local", cfg.local), ("coherent.scratch", cfg.coherent.scratch),
+                  ("coherent.transfer", cfg.coherent.transfer))
+    flips = any(t.augment_flip for _, t in decomposed)  # the whole image's flip shows the mirror subdomains
+    asymmetry = manifest.decomposition().asymmetry() if flips else None
+    for name, t in decomposed:
+        if t.augment_flip and asymmetry:
+            raise UserError(f"{name}.augment_flip needs a grid whose boxes mirror each other left-right, but in "
+                            f"{cfg.data} {asymmetry}: prepare a grid whose column count divides the width")
+    read = set(own.subdomains) | ({manifest.decomposition().mirror(i) for i in own.subdomains} if flips else set())
+    for i in sorted(read):
         with ShardReader(manifest, i) as reader:
             reader.validate(deep=deep)
     if "global" in cfg.phases:
@@ -53,8 +62,7 @@ def _validate_data(cfg: Config, world: World) -> Manifest:
         if world.rank == 0:
             with ShardReader(manifest, None) as reader:
                 reader.validate(deep=deep)
-    for name, t in (("local", cfg.local), ("global", cfg.global_), ("coherent.scratch", cfg.coherent.scratch),
-                    ("coherent.transfer", cfg.coherent.transfer)):
+    for name, t in decomposed + (("global", cfg.global_),):
         if t.augment_shift > manifest.margin:
             raise UserError(f"{name}.augment_shift = {t.augment_shift} needs shards stored with --margin "
                             f">= {t.augment_shift}, but {cfg.data} has margin {manifest.margin}")
@@ -302,7 +310,7 @@ def prepare(cfg: Config, world: World, resume: bool = False, force: bool = False
 
 def run_phases(ctx: RunContext) -> None:
     """The configured phases in order; a preemption checkpoints, records itself and exits 75."""
-    from .preemption import EXIT_PREEMPTED, Preempted, requeue_slurm_job
+    from .preemption import EXIT_PREEMPTED, Preempted, await_requeue_kill, requeue_slurm_job
 
     ctx.state.clear_preempted()  # a resumed run: the next state.json written no longer says so
     for phase in ctx.cfg.phases:
@@ -329,9 +337,8 @@ def run_phases(ctx: RunContext) -> None:
                 # MPI_Finalize leaves shared-memory segments that break MPI_Init of the requeued job.
                 ctx.data.release(everything=True)
                 ctx.world.finalize()
-                if ctx.world.is_root:
-                    time.sleep(1.0)  # let the other ranks finish exiting
-                    requeue_slurm_job(ctx.log)
+                if not ctx.world.is_root or requeue_slurm_job(ctx.log):
+                    await_requeue_kill()
             raise SystemExit(EXIT_PREEMPTED)
         ctx.log(f"[{phase}] done in {time.perf_counter() - t0:.1f} s")
     ctx.stop.drain()

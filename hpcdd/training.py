@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .acceleration import autocast, full_precision
+from .augmentation import augmentation
 from .collectives import Group
 from .engine import Loop, make_optimizer, make_scheduler, run_loop
 from .ownership import slice_rows
@@ -145,12 +146,11 @@ def fit(model, spec: Fit):
     members = getattr(model, "members", 1)
     params = list(model.parameters())
     opt = make_optimizer(params, t)
-    epoch_shifts = {}
+    epoch_aug = {}
 
     def batches(epoch):
-        epoch_shifts.clear()
-        epoch_shifts[epoch] = spec.stream.shifts(epoch, spec.train.ids, getattr(t, "augment_shift", 0),
-                                                 spec.train.dims)
+        epoch_aug.clear()
+        epoch_aug[epoch] = augmentation(spec.stream, epoch, spec.train.ids, t, spec.train.dims)
         batches = spec.stream.batches(epoch, len(spec.train), t.batch_size, getattr(spec.train, "plan", None))
         if hasattr(spec.train, "schedule") and batches:
             spec.train.schedule(np.concatenate(batches))
@@ -162,8 +162,8 @@ def fit(model, spec: Fit):
             model.seed_step(epoch, step, group.rank)
         else:
             seed_torch(*spec.stream.step_counters(epoch, step, group.rank))
-        shifts = epoch_shifts[epoch]
-        x, y = spec.train.batch(mine, None if shifts is None else shifts[mine])
+        aug = epoch_aug[epoch]
+        x, y = spec.train.batch(mine, None if aug is None else aug[mine])
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         total, out = train_step(model, opt, params, x, y, len(rows), group)
         return total, (out.detach().argmax(-1) == y).sum(0), len(mine)

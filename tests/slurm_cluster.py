@@ -210,6 +210,14 @@ class Cluster:
                 return field.split("=", 1)[1]
         return "UNKNOWN"
 
+    def ctld_lines(self, job: str, last: int = 40) -> str:
+        """slurmctld's log lines about ``job`` (for a failed test's message: why SLURM did what it did)."""
+        try:
+            lines = open(os.path.join(self.dir, "slurmctld.log")).read().splitlines()
+        except OSError:
+            return ""
+        return "\n".join([ln for ln in lines if f"JobId={job}" in ln or f" {job} " in ln][-last:])
+
     def stop(self) -> None:
         self.run("scancel", "--user=root", check=False, timeout=20)
         self.run("scontrol", "shutdown", check=False, timeout=20)

@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
+from hpcdd.augmentation import Augmentation
 from hpcdd.data import ShardReader, SplitData, StreamPlan, crop, stream_plan
 from hpcdd.manifest import load_manifest
 from hpcdd.errors import UserError
@@ -40,8 +41,8 @@ def test_streaming_equals_in_memory(data):
     assert mem.in_memory and not stream.in_memory
     rows = np.array([7, 3, 3, 100, 0, 55])
     shifts = np.array([[0, 0], [1, -2], [2, 2], [-1, 0], [0, 1], [-2, -2]])
-    xa, ya = mem.batch(rows, shifts)
-    xb, yb = stream.batch(rows, shifts)
+    xa, ya = mem.batch(rows, Augmentation(shifts))
+    xb, yb = stream.batch(rows, Augmentation(shifts))
     assert xa.shape == (6, 1, 15, 15)
     np.testing.assert_array_equal(xa.numpy(), xb.numpy())
     np.testing.assert_array_equal(ya.numpy(), yb.numpy())
@@ -86,8 +87,8 @@ def test_streamed_epoch_read_ahead_gives_the_in_memory_rows(data):
         streamed.schedule(np.concatenate(batches))
         for rows in batches[start:]:
             shifts = np.random.default_rng(len(rows)).integers(-1, 2, size=(len(rows), 2))
-            xa, ya = mem.batch(rows, shifts)
-            xb, yb = streamed.batch(rows, shifts)
+            xa, ya = mem.batch(rows, Augmentation(shifts))
+            xb, yb = streamed.batch(rows, Augmentation(shifts))
             np.testing.assert_array_equal(xa.numpy(), xb.numpy())
             np.testing.assert_array_equal(ya.numpy(), yb.numpy())
     streamed.close()
@@ -99,12 +100,41 @@ def test_shift_is_a_global_translation(data):
     full = SplitData.load(ShardReader(m, None), "val")
     rows = np.arange(5)
     shifts = np.array([[1, -2], [0, 0], [-2, 2], [2, 1], [-1, -1]])
-    moved, _ = full.batch(rows, shifts)
+    moved, _ = full.batch(rows, Augmentation(shifts))
     for i in range(4):
         sub = SplitData.load(ShardReader(m, i), "val")
-        xs, _ = sub.batch(rows, shifts)
+        xs, _ = sub.batch(rows, Augmentation(shifts))
         (a, b), (c, e) = m.boxes[i]
         np.testing.assert_allclose(xs.numpy(), moved[..., a:b, c:e].numpy())
+
+
+@pytest.mark.parametrize("limit", [1 << 30, 1])
+def test_flip_is_the_whole_image_flipped(data, limit):
+    """A flipped sample of subdomain (r, c) is box (r, c) of the flipped (and then shifted) full image:
+    the mirror (r, 1-c)'s subimage flipped; in memory and streamed alike."""
+    from hpcdd.factory import DataCache
+
+    m = load_manifest(str(data))
+    cache = DataCache(m, limit / (1 << 30))
+    rows = np.array([4, 0, 9, 2, 7, 1])
+    aug = Augmentation(np.array([[1, -2], [0, 0], [-2, 2], [2, 1], [-1, -1], [0, 2]]),
+                       np.array([True, True, False, True, False, True]))
+    full = cache(None, "train", mirrored=True)
+    assert full.mirror is full and full.in_memory == (limit > 1)
+    whole = SplitData.load(ShardReader(m, None), "train")  # no flip, reference
+    flipped = whole._rows(rows)[0]
+    flipped[aug.flips] = flipped[aug.flips].flip(-1)
+    moved = crop(flipped, m.margin, aug.shifts)
+    np.testing.assert_array_equal(full.batch(rows, aug)[0].numpy(), moved.numpy())
+    for i in range(4):
+        sub = cache(i, "train", mirrored=True)
+        assert sub.mirror is cache(m.decomposition().mirror(i), "train")
+        xs, ys = sub.batch(rows, aug)
+        (a, b), (c, e) = m.boxes[i]
+        np.testing.assert_array_equal(xs.numpy(), moved[..., a:b, c:e].numpy())
+        np.testing.assert_array_equal(ys.numpy(), whole.y[rows].numpy())
+    with pytest.raises(RuntimeError, match="mirror"):
+        SplitData.load(ShardReader(m, 0), "train").batch(rows, aug)
 
 
 def test_crop_without_shift_is_centre():

@@ -160,7 +160,7 @@ def test_sbatch_on_two_nodes_preempted_requeued_resumed(cluster2, small_data, on
     state = cluster2.wait_job(job, timeout=600)
     log = open(tmp_path / f"hpcdd-{job}.out").read()
     info = cluster2.run("scontrol", "show", "job", job, check=False).stdout
-    assert state == "COMPLETED", f"{info}\n{log[-3000:]}"
+    assert state == "COMPLETED", f"{info}\n{log[-3000:]}\n{cluster2.ctld_lines(job)}"
     assert any(r[0] == "local" for r in resumes(str(run))), resumes(str(run))  # resumed, not recomputed
     hosts = {r["host"] for r in json.load(open(run / "ranks.json"))["ranks"]}
     assert hosts == {"node1", "node2"}

@@ -86,6 +86,8 @@ def corpus(small_data, tmp_path_factory, fashion_dir):
     with h5py.File(base / "nan" / "sub_002.h5", "r+") as f:
         f["train"]["x"][3, 0, 2, 2] = np.inf
     d["nan"] = base / "nan"
+    run(["npz", str(base / "float.npz"), str(base / "grid3"), "--grid", "3x3", "--quiet"])  # columns 9, 9, 10 of 28
+    d["grid3"] = base / "grid3"
     # an existing run (configuration written, nothing trained) to resume
     run_dir = base / "existing_run"
     proc = hpcdd_run("--data", small_data, "--out", run_dir, "--print-config")
@@ -146,6 +148,11 @@ CASES = [
     ("bad signal", ["--set", "preemption.signals=SIGKILL"], "not a signal that can be caught", None),
     ("class count", ["--set", "num_classes=7"], "num_classes = 7 but", 2),
     ("shift without margin", ["--set", "local.augment_shift=2"], "needs shards stored with --margin >= 2", None),
+    ("unknown augmentation", ["--set", "local.augment_mirror=true"],
+     "the augmentations are augment_shift, augment_flip, of local, coherent.scratch, coherent.transfer, global", None),
+    ("flip on a grid that is not mirror-symmetric", ["--data", "{grid3}", "--set", "coherent.transfer.augment_flip=1"],
+     "coherent.transfer.augment_flip needs a grid whose boxes mirror each other left-right, but in {grid3} "
+     "subdomain 0 spans columns 0..8 but its mirror 2 spans 18..27 of 28", 3),
     ("transfer without local", ["--phases", "coherent"], "needs the local and aggregate phases", None),
     ("aggregate without local", ["--phases", "aggregate"], "needs the local phase", None),
     ("unknown option", ["--bogus"], "unrecognized arguments: --bogus", None),

@@ -133,7 +133,7 @@ def test_preempted_job_checkpoints_requeues_resumes(cluster, small_data, mpiexec
         time.sleep(0.2)
     cluster.run("scontrol", "update", f"jobid={job}", "StartTime=now", check=False)
     state = cluster.wait_job(job, timeout=600)
-    assert state == "COMPLETED", open(tmp_path / f"hpcdd-{job}.out").read()[-3000:]
+    assert state == "COMPLETED", open(tmp_path / f"hpcdd-{job}.out").read()[-3000:] + cluster.ctld_lines(job)
     assert_identical(mpiexec_reference, str(run))
     assert "preempted" not in json.load(open(run / "state.json"))
 

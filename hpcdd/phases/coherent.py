@@ -16,6 +16,7 @@ import torch
 
 from .. import checkpoint
 from ..aggregators import accuracy
+from ..augmentation import augmentation
 from ..metrics import scores
 from ..coherent import DistributedCoherent
 from ..engine import Loop, TrainState, make_optimizer, make_scheduler, run_loop, snapshot
@@ -95,15 +96,15 @@ def train_coherent(ctx, strategy: str, t) -> None:
     os.makedirs(layout.phase_dir("coherent", strategy), exist_ok=True)
     model = build_coherent(ctx, strategy)
     opt = make_optimizer(list(model.parameters()), t)
-    train = {i: ctx.data(i, "train") for i in own.subdomains}
+    train = {i: ctx.data(i, "train", mirrored=t.augment_flip) for i in own.subdomains}
     first = train[own.subdomains[0]]
     stream = stream_of(ctx.cfg.seed, f"coherent {strategy}")
-    epoch_shifts = {}
+    epoch_aug = {}
 
     def batches(epoch):
         model.comm_time, model.comm_bytes, model.comm_steps = 0.0, 0, 0
-        epoch_shifts.clear()
-        epoch_shifts[epoch] = stream.shifts(epoch, first.ids, t.augment_shift, ctx.manifest.dims)
+        epoch_aug.clear()
+        epoch_aug[epoch] = augmentation(stream, epoch, first.ids, t, ctx.manifest.dims)
         batches = stream.batches(epoch, len(first), t.batch_size, first.plan)
         for data in train.values():
             if batches:
@@ -112,8 +113,8 @@ def train_coherent(ctx, strategy: str, t) -> None:
 
     def step(epoch, step, rows):
         part = rows[slice_rows(len(rows), own.replicas, own.replica)]
-        shifts = epoch_shifts[epoch]
-        xs = {i: train[i].batch(part, None if shifts is None else shifts[part])[0].to(device, non_blocking=True)
+        aug = epoch_aug[epoch]
+        xs = {i: train[i].batch(part, None if aug is None else aug[part])[0].to(device, non_blocking=True)
               for i in own.subdomains}
         y = first.y[torch.from_numpy(rows)].to(device)
         loss, out = model.step(xs, y, len(rows), opt, stream.step_counters(epoch, step))

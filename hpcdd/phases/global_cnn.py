@@ -19,7 +19,7 @@ def run(ctx) -> None:
     model = ctx.models.global_()
     everyone = world.everyone
     state = fit(model, Fit(
-        name="global CNN", train=ctx.data(None, "train"), val=ctx.data(None, "val"), t=ctx.cfg.global_,
+        name="global CNN", train=ctx.data(None, "train", mirrored=ctx.cfg.global_.augment_flip), val=ctx.data(None, "val"), t=ctx.cfg.global_,
         stream=stream_of(ctx.cfg.seed, "global"), device=ctx.device, eval_batch=ctx.cfg.eval_batch_size,
         group=everyone, checkpoint=layout.global_checkpoint, writer=world.is_root,
         on_epoch=ctx.epoch_logger("global", "global CNN"), on_resume=ctx.resume_logger("global"),

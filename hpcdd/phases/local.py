@@ -96,7 +96,9 @@ def train_group(ctx, group: list, left: int) -> list:
         return hooks[0] if alone else hooks
 
     def data(split):
-        return ctx.data(group[0], split) if alone else MemberData([ctx.data(i, split) for i in group])
+        flip = split == "train" and cfg.local.augment_flip
+        parts = [ctx.data(i, split, mirrored=flip) for i in group]
+        return parts[0] if alone else MemberData(parts)
 
     flops_of = {group[0]: model} if alone else {i: ctx.models.plain_local(i) for i in group}
     states = fit(model, Fit(
