@@ -145,3 +145,11 @@ def bcast_array(comm, array: np.ndarray | None, root: int = 0) -> np.ndarray:
     buf = np.ascontiguousarray(array, dtype=np.float32) if rank == root else np.empty(shape, np.float32)
     comm.Bcast(buf, root=root)
     return buf
+
+
+def gather_outputs(comm, mine: np.ndarray) -> np.ndarray | None:
+    """Per-subdomain outputs (n_owned, n, K) of every rank as (n, N, K) at rank 0 (None elsewhere).
+    Ownership blocks are contiguous and in rank order, so the rows arrive in subdomain order; a rank
+    with nothing to send (a replica) sends (0, n, K)."""
+    full = gather_rows(comm, mine)
+    return None if full is None else np.ascontiguousarray(full.transpose(1, 0, 2))

@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 
 from .errors import UserError
-from .phases import PHASES
+from .registry import PHASES
 
 FAMILIES = ("vgg", "resnet20", "resnet32", "resnet18")
 STRATEGIES = ("scratch", "transfer")

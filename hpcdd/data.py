@@ -161,17 +161,19 @@ class ShardReader:
             raise UserError(f"{where}: corrupt or truncated HDF5 file ({_short(e)})") from None
 
     def _check_pixels(self, split: str, where: str) -> None:
-        ds = self._group(split)["x"]
+        g = self._group(split)
+        ds = g["x"]
         step = max(1, ds.chunks[0] if ds.chunks else 1024) * 64
         for a in range(0, ds.shape[0], step):
-            block = self.pixels(split, a, a + step)
+            block = self.pixels(split, a, a + step, group=g)
             if block.dtype.kind == "f" and not np.all(np.isfinite(block)):
                 raise UserError(f"{where}: contains NaN or Inf pixels")
 
-    def pixels(self, split: str, a: int, b, index=None) -> np.ndarray:
+    def pixels(self, split: str, a: int, b, index=None, group=None) -> np.ndarray:
         """Rows a..b of ``split``'s images (or the sorted rows ``index``). HDF5 verifies each chunk's
-        checksum as it reads it; a damaged chunk stops the run in one line naming shard, split and chunk."""
-        ds = self._group(split)["x"]
+        checksum as it reads it; a damaged chunk stops the run in one line naming shard, split and chunk.
+        ``group``: the split's group, when the caller has just checked the file (``_group``)."""
+        ds = (self._group(split) if group is None else group)["x"]
         try:
             return ds[a:b] if index is None else ds[index]
         except (OSError, RuntimeError) as e:
@@ -195,7 +197,7 @@ class ShardReader:
     def read(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The whole split in memory: (x, y, sample_id)."""
         g = self._group(split)
-        x = self.pixels(split, 0, None)
+        x = self.pixels(split, 0, None, group=g)
         try:
             return x, g["y"][:].astype(np.int64), g["sample_id"][:].astype(np.int64)
         except (OSError, RuntimeError) as e:
@@ -207,7 +209,7 @@ class ShardReader:
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
         uniq, inverse = np.unique(sorted_rows, return_inverse=True)
-        x = self.pixels(split, 0, 0, uniq)[inverse]
+        x = self.pixels(split, 0, 0, uniq, group=g)[inverse]
         y = g["y"][uniq][inverse]
         back = np.empty_like(order)
         back[order] = np.arange(len(order))

@@ -116,6 +116,8 @@ class Loop:
     scheduler: object
     set_train: Callable[[bool], None]
     checkpoint: str | None = None
+    checkpoint_interval: float = 0.0  # seconds between epoch-end checkpoints (0: every epoch; the first, the
+    # last and a stop always write one; a resume from an older one replays the epochs since, bit for bit)
     writer: bool = True  # this worker writes the checkpoint
     reduce: Callable | None = None  # np.ndarray -> its sum over the data-parallel workers
     end_epoch: Callable[[], None] | None = None  # e.g. average BatchNorm buffers over replicas
@@ -261,6 +263,7 @@ def train(loop: Loop, state, device):
         # every member holds the starting point, so a kill between two members' first writes leaves a
         # point all of them hold (the start) and the group resumes fused, as it would have run
         _save(loop, states)
+    last_save = -math.inf
     for epoch in range(start, loop.epochs):
         loop.set_train(True)
         batches = loop.batches(epoch)
@@ -332,7 +335,9 @@ def train(loop: Loop, state, device):
             if vals[m] > s.best_val:
                 weights = loop.weights() if weights is None else weights
                 s.best_val, s.best_epoch, s.best = float(vals[m]), epoch + 1, snapshot(_member(weights, m, loop))
-        _save(loop, states)
+        if epoch + 1 == loop.epochs or time.perf_counter() - last_save >= loop.checkpoint_interval:
+            _save(loop, states)
+            last_save = time.perf_counter()
         if loop.on_epoch is not None:
             for m, s in enumerate(states):
                 _member(loop.on_epoch, m, loop)(s.history[-1])

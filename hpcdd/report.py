@@ -1,13 +1,15 @@
 """The report: the paper's comparison of every method, plots, and the exported CNN-DNN.
 
 Rank 0 reads what the phases wrote under RUN/ and writes RUN/results.json, RUN/results.md,
-RUN/plots/*.png (when matplotlib is installed) and RUN/model.pt.
+RUN/plots/*.png (when matplotlib is installed) and RUN/model.pt. ``hpcdd-report RUN`` does the same
+from the run directory alone (and the data's manifest), in one process without MPI or a GPU.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -363,3 +365,79 @@ def write_report(ctx) -> dict:
     checkpoint.write_text(text, ctx.layout.results_md)
     ctx.log(text)
     return results
+
+
+@dataclass(frozen=True)
+class RecordedWorld:
+    """What the report needs of the world that ran: its size, threads, device and ownership, as
+    ``RUN/ranks.json`` recorded them (the last start of the run)."""
+
+    size: int
+    threads: int
+    device: str
+    own: object  # ownership.Ownership of rank 0 (its ``table`` is every rank's)
+
+
+@dataclass
+class RecordedRun:
+    """A finished run read back from its directory: what ``write_report`` takes from a live run."""
+
+    cfg: object
+    manifest: object
+    layout: object
+    world: RecordedWorld
+    models: object
+
+    def log(self, message: str) -> None:
+        print(message, flush=True)
+
+
+def recorded_run(run_dir: str) -> RecordedRun:
+    """The run in ``run_dir``, from config.json, ranks.json and the data's manifest; a UserError
+    naming the file when one is missing or not a run's."""
+    from .config import build_config
+    from .errors import UserError
+    from .factory import Models
+    from .layout import RunLayout
+    from .manifest import load_manifest
+    from .ownership import ownership
+
+    layout = RunLayout(run_dir)
+    for path in (layout.config, layout.ranks):
+        if not os.path.isfile(path):
+            raise UserError(f"{run_dir}: no {os.path.basename(path)}; is it a directory hpcdd-run wrote?")
+    saved = checkpoint.read_json(layout.config)
+    saved.pop("meta", None)
+    cfg = build_config(saved, {"out": run_dir}, layout.config)
+    if not os.path.isdir(cfg.data):
+        raise UserError(f"{layout.config}: data = {cfg.data} does not exist; the report reads its manifest.json")
+    manifest = load_manifest(cfg.data)
+    ranks = checkpoint.read_json(layout.ranks)["ranks"]
+    world = RecordedWorld(len(ranks), int(ranks[0]["threads"]), ranks[0]["device"],
+                          ownership(len(ranks), manifest.n, 0))
+    models = Models(cfg.model, cfg.dnn, manifest, cfg.seed)
+    return RecordedRun(cfg, manifest, layout, world, models)
+
+
+def main(argv=None) -> int:
+    """``hpcdd-report RUN``: rebuild results.json, results.md, the plots and model.pt of a run."""
+    from .cli_util import OneLineParser
+    from .errors import UserError, fail
+
+    p = OneLineParser(prog="hpcdd-report", description=(
+        "Rebuild RUN/results.json, RUN/results.md, RUN/plots and RUN/model.pt from what the phases wrote "
+        "under RUN (one process, no MPI, no GPU); the report phase runs the same code."))
+    p.add_argument("run", metavar="RUN", help="a run directory written by hpcdd-run")
+    args = p.parse_args(argv)
+    try:
+        run = recorded_run(args.run)
+        if not any(os.path.exists(run.layout.result(phase)) for phase in ("local", "global")):
+            raise UserError(f"{args.run}: no phase has finished yet (no local/result.json or global/result.json)")
+        write_report(run)
+    except UserError as e:
+        fail(str(e))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -29,7 +29,7 @@ from .factory import Models
 from .layout import RunLayout
 from .manifest import SPLITS, Manifest, load_manifest
 from .parallel import World
-from .phases import BY_NAME
+from .registry import BY_NAME
 from .phases.context import RunContext, RunState
 from .progress import Progress, make_plan
 from .watchdog import Watchdog, acquire, check_unlocked

@@ -129,6 +129,7 @@ class Fit:
     eval_batch: int = 512
     group: Group = Group()  # data-parallel workers (size 1: no communication)
     checkpoint: str | list | None = None  # one per member of a fused model
+    checkpoint_interval: float = 0.0  # seconds between epoch checkpoints (0: every epoch; engine.Loop)
     writer: bool = True  # this worker writes the checkpoint
     on_epoch: object = None  # callback(event dict); one per member of a fused model
     on_resume: object = None  # callback(TrainState); one per member of a fused model
@@ -175,6 +176,7 @@ def fit(model, spec: Fit):
         load_weights=(lambda w: model.load_member_state_dicts([m["model"] for m in w])) if members > 1
         else lambda w: model.load_state_dict(w["model"]),
         optimizer=opt, scheduler=make_scheduler(opt, t), set_train=model.train, checkpoint=spec.checkpoint,
+        checkpoint_interval=spec.checkpoint_interval,
         writer=spec.writer, reduce=group.sum if group.size > 1 else None,
         end_epoch=(lambda: group.mean_(buffers_of(model))) if group.size > 1 else None,
         stop=spec.stop, on_epoch=spec.on_epoch, on_resume=spec.on_resume, on_step=spec.on_step,

@@ -12,7 +12,7 @@ from hpcdd.augmentation import Augmentation
 from hpcdd.data import ShardReader, SplitData, StreamPlan, crop, stream_plan
 from hpcdd.manifest import load_manifest
 from hpcdd.errors import UserError
-from tests.conftest import prepare
+from tests.helpers import flip_pixel_bytes, prepare
 
 
 @pytest.fixture()
@@ -205,6 +205,7 @@ def test_nan_pixels_found_by_deep_validation(tmp_path):
         ShardReader(m, 2).validate(deep=True)
 
 
+@pytest.mark.slow
 def test_training_on_streamed_shards_equals_in_memory(data):
     """A shard too large for memory is streamed; training on it gives the same weights."""
     import torch
@@ -230,18 +231,6 @@ def test_training_on_streamed_shards_equals_in_memory(data):
         states.append(res.best["model"])
     for k in states[0]:
         assert torch.equal(states[0][k], states[1][k]), k
-
-
-def flip_pixel_bytes(path, split: str, chunk: int, count: int = 20000) -> None:
-    """Flip ``count`` bytes of one stored chunk of ``split``/x, behind HDF5's back (a bad disk, a bad copy)."""
-    with h5py.File(path, "r") as f:
-        info = f[f"{split}/x"].id.get_chunk_info(chunk)
-    n = min(count, info.size - 8)
-    with open(path, "r+b") as f:
-        f.seek(info.byte_offset)
-        raw = bytearray(f.read(n))
-        f.seek(info.byte_offset)
-        f.write(bytes(b ^ 0x5A for b in raw))
 
 
 @pytest.mark.parametrize("streamed", [False, True])

@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.conftest import fashion_images, mounted_tmpfs, require_ok, run_python
+from tests.helpers import env_for_tests, fashion_images, mounted_tmpfs, require_ok, run_python
 
 
 def write_idx(path, array, gz=True):
@@ -98,6 +98,7 @@ def test_cifar10_pickles(tmp_path, fashion_small):
         np.testing.assert_array_equal(f["train"]["x"][:], rgb[ids][:, :, 14:32, 14:32])
 
 
+@pytest.mark.slow
 def test_imagefolder_png_jpeg_single_split(tmp_path, fashion_small):
     from PIL import Image
 
@@ -136,6 +137,7 @@ def test_imagefolder_png_jpeg_single_split(tmp_path, fashion_small):
     assert checked >= 10
 
 
+@pytest.mark.slow
 def test_imagefolder_presplit_grey(tmp_path, fashion_small):
     from PIL import Image
 
@@ -339,6 +341,7 @@ def test_every_bad_input_has_a_message_check(bad_inputs):
     assert set(bad_inputs[1]) == set(BAD_INPUT_MESSAGES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(BAD_INPUT_MESSAGES))
 def test_bad_input_one_line_exit_2_nothing_written(bad_inputs, name):
     tmp, cases = bad_inputs
@@ -354,6 +357,7 @@ def test_bad_input_one_line_exit_2_nothing_written(bad_inputs, name):
     assert sorted(os.listdir(tmp / "pics")) == ["c0", "c1"]
 
 
+@pytest.mark.slow
 def test_sixteen_bit_pngs_keep_their_grey_levels(tmp_path, fashion_small):
     """A 16-bit PNG is scaled to 8 bits (v * 255 / 65535, rounded), not clipped to 0/255."""
     from PIL import Image
@@ -382,7 +386,6 @@ def test_sigterm_leaves_no_partial_output(tmp_path, fashion_dir):
     import sys
     import time
 
-    from tests.conftest import env_for_tests
 
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "data_prep", "idx", fashion_dir, str(out), "--grid", "4x4",
@@ -422,7 +425,6 @@ def test_a_disk_that_fills_while_writing_is_one_line(tmp_path, fashion_dir):
     import sys
     import time
 
-    from tests.conftest import env_for_tests
 
     disk = next(fs := mounted_tmpfs(tmp_path, "48m"))
     try:

@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 
 from data_prep.ranks import launched_tasks
-from tests.conftest import env_for_tests, fashion_images, mpiexec_path, require_ok, run_python, shard_digest
+from tests.helpers import env_for_tests, fashion_images, mpiexec_path, require_ok, run_python, shard_digest
+
+pytestmark = [pytest.mark.mpi]
 
 
 def prep(*args, ranks=None, timeout=300):

@@ -3,6 +3,7 @@ import pytest
 
 from hpcdd.decomposition import Decomposition, parse_grid
 from hpcdd.errors import UserError
+from tests.helpers import prepare
 
 
 @pytest.mark.parametrize("shape,grid,overlap", [((28, 28), (4, 4), 2), ((32, 32), (2, 2), 0), ((28, 28), (3, 3), 1),
@@ -81,7 +82,6 @@ def test_shard_subimages_equal_boxes_of_real_fashion_mnist(tmp_path, fashion_dir
     import h5py
 
     from data_prep.sources import read_idx
-    from tests.conftest import prepare
 
     m = prepare(fashion_dir, tmp_path / "d", grid="4x4", overlap=2, train=500, test=200)
     original = read_idx(f"{fashion_dir}/train-images-idx3-ubyte.gz")

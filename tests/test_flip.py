@@ -11,10 +11,9 @@ import os
 import pytest
 import torch
 
-from tests.conftest import require_ok, run_python
-from tests.test_reliability import assert_identical, finish, kill_all, start, trained_an_epoch, wait_for
+from tests.helpers import assert_identical, finish, kill_all, require_ok, run_python, start, trained_an_epoch, wait_for
 
-pytestmark = pytest.mark.mpi
+pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 
 PHASES = "local,aggregate,coherent,report"
 FLIP = ["--threads", "1", "--phases", PHASES, "--set", "local.epochs=2", "--set", "dnn.epochs=10",

@@ -13,7 +13,7 @@ from hpcdd.manifest import load_manifest
 from hpcdd.models import build_model
 from hpcdd.rng import seed_torch, stream_of
 from hpcdd.training import Fit, fit
-from tests.conftest import prepare
+from tests.helpers import prepare
 
 
 def members(family="vgg", shape=(9, 11), count=3, dims_in=1):
@@ -81,6 +81,7 @@ def grid_data(tmp_path_factory, fashion_dir):
     return load_manifest(str(out))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_fused_training_matches_training_one_after_another(grid_data, tmp_path, optimizer):
     """Subdomains 1 and 2 of a 4x4 grid (both 9x11): best weights, histories and the per-member
@@ -129,6 +130,7 @@ def test_fused_training_matches_training_one_after_another(grid_data, tmp_path, 
             1.5 * os.path.getsize(tmp_path / f"alone_{i}.ckpt.pt")
 
 
+@pytest.mark.slow
 def test_fused_training_stopped_mid_epoch_resumes_fused_or_alone(grid_data, tmp_path):
     """A stop mid-epoch leaves each member's checkpoint; resuming them fused, or each alone, or fused
     after a kill between the two members' writes (the second member holds only the previous point,
@@ -183,6 +185,7 @@ def test_fused_training_stopped_mid_epoch_resumes_fused_or_alone(grid_data, tmp_
                 near(got.best["model"][key], value)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_trains_in_bfloat16_and_learns(grid_data):
     """performance.autocast = "bf16" (the GPU option, run here on the CPU): the CNN's convolutions
     compute in bfloat16, the loss in float32, and a local CNN still learns (chance: 0.1)."""

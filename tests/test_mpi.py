@@ -6,15 +6,17 @@ The same checks run on 1 rank and under mpiexec -n 2 / -n 4, as mpi4py's own tes
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import env_for_tests, require_ok, run_python
+from tests.helpers import ROOT, env_for_tests, require_ok, run_python
 
-pytestmark = pytest.mark.mpi
+pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 
 FAST = ["--threads", "1", "--set", "local.epochs=3", "--set", "dnn.epochs=30", "--set", "global.epochs=2",
         "--set", "coherent.scratch.epochs=3", "--set", "coherent.scratch.lr=0.003", "--set", "coherent.scratch.batch_size=64",
@@ -366,3 +368,34 @@ def test_predict_guards_what_it_writes_and_reads(runs, small_data, tmp_path):
     with h5py.File(tmp_path / "labels" / "full.h5", "r+") as f:
         f["test/y"][5] = 10
     refused(predict(data=tmp_path / "labels"), "test labels outside 0..9")
+
+
+def test_hpcdd_report_rebuilds_the_report_from_the_run_directory_alone(runs, tmp_path):
+    """``hpcdd-report RUN`` in one process where mpi4py cannot even be imported writes the results.json
+    and model.pt the report phase of the 4-rank run wrote; a directory that is not a run is one line."""
+    run = tmp_path / "run"
+    shutil.copytree(runs[4][0], run)
+    phase_results = json.load(open(run / "results.json"))
+    phase_model = torch.load(run / "model.pt", weights_only=True)
+    for name in ("results.json", "results.md", "model.pt"):
+        os.unlink(run / name)
+    shutil.rmtree(run / "plots", ignore_errors=True)
+    no_mpi = tmp_path / "no_mpi" / "mpi4py"
+    no_mpi.mkdir(parents=True)
+    (no_mpi / "__init__.py").write_text("raise ImportError('hpcdd-report must not need MPI')\n")
+    env = env_for_tests(PYTHONPATH=f"{no_mpi.parent}{os.pathsep}{ROOT}", CUDA_VISIBLE_DEVICES="")
+    proc = run_python(["-m", "hpcdd.report", str(run)], env=env, timeout=300)
+    require_ok(proc)
+    assert json.load(open(run / "results.json")) == phase_results
+    assert "| CNN-DNN |" in (run / "results.md").read_text() and "CNN-DNN" in proc.stdout
+    model = torch.load(run / "model.pt", weights_only=True)
+    assert model["meta"] == phase_model["meta"]
+
+    def same(a, b):
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        return torch.equal(a, b)
+
+    assert same(model["local"], phase_model["local"]) and same(model["dnn"], phase_model["dnn"])
+    bad = run_python(["-m", "hpcdd.report", str(tmp_path / "no_mpi")], env=env, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "no config.json" in bad.stderr, bad.stderr

@@ -18,12 +18,11 @@ import time
 import pytest
 import torch
 
-from tests.conftest import ROOT, fashion_images, require_ok, run_python, shard_digest
+from tests.helpers import (
+    ROOT, SMALL, assert_identical, edited, fashion_images, job_env, require_ok, resumes, run_python, shard_digest)
 from tests.slurm_cluster import Cluster, namespaces_missing
-from tests.test_reliability import assert_identical, resumes
-from tests.test_slurm import SMALL, edited, job_env
 
-pytestmark = [pytest.mark.mpi]
+pytestmark = [pytest.mark.mpi, pytest.mark.slurm, pytest.mark.slow]
 
 NODE_LOCAL = "/tmp/hpcdd-node-local"
 

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, run_python, shard_digest
+from tests.helpers import ROOT, run_python, shard_digest
 
 nib = pytest.importorskip("nibabel")
 
@@ -47,6 +47,7 @@ def stored(out, split: str):
         return f[split]["x"][:], f[split]["sample_id"][:]
 
 
+@pytest.mark.slow
 def test_volumes_as_stored_windowed_to_0_1(volumes, tmp_path):
     root, d = volumes
     out = tmp_path / "out"
@@ -64,6 +65,7 @@ def test_volumes_as_stored_windowed_to_0_1(volumes, tmp_path):
     assert m["splits"]["test"] == 40
 
 
+@pytest.mark.slow
 def test_resampled_and_byte_identical_for_any_workers(volumes, tmp_path):
     root, _ = volumes
     common = ["nifti", root, None, "--size", "16", "20", "24", "--grid", "2x2x2", "--overlap", "1"]
@@ -77,6 +79,7 @@ def test_resampled_and_byte_identical_for_any_workers(volumes, tmp_path):
     assert x.min() >= -500 and x.max() <= 520  # no window: the stored values (trilinear keeps their range)
 
 
+@pytest.mark.slow
 def test_bad_volumes_and_options_are_one_line(volumes, tmp_path):
     root, d = volumes
     bad = tmp_path / "bad"

@@ -17,10 +17,8 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, env_for_tests, require_ok, run_python
+from tests.helpers import ROOT, SMALL, assert_identical, env_for_tests, job_env, require_ok, run_python
 from tests.test_multinode import cluster2  # noqa: F401,F811 - the two-node cluster fixture
-from tests.test_reliability import assert_identical
-from tests.test_slurm import SMALL, job_env
 
 pytestmark = [pytest.mark.mpi]
 
@@ -76,6 +74,7 @@ def test_failing_rank_aborts_every_rank_under_openmpi(openmpi, small_data, tmp_p
     assert ended - os.stat(tmp_path / "r" / "FAILED").st_mtime < 20  # from the failure to the end of every rank
 
 
+@pytest.mark.slurm
 def test_srun_pmix_on_two_nodes(openmpi, cluster2, small_data, tmp_path):  # noqa: F811
     run = tmp_path / "run"
     proc = cluster2.run("srun", "-N", "2", "-n", "4", "--ntasks-per-node=2", "--mpi=pmix", "--kill-on-bad-exit=1",
@@ -88,6 +87,7 @@ def test_srun_pmix_on_two_nodes(openmpi, cluster2, small_data, tmp_path):  # noq
     assert len(glob.glob(str(run / "local" / "sub_*.pt"))) == 4
 
 
+@pytest.mark.slurm
 def test_wrong_plugin_with_openmpi_is_named(openmpi, cluster2, small_data, tmp_path):  # noqa: F811
     """Open MPI cannot start singletons under srun's pmi2 and exits inside MPI_Init with its own
     message; the rank's watcher adds which plugin to use (MPICH with the wrong plugin: test_slurm)."""

@@ -60,6 +60,6 @@ def test_bare_commands_come_after_activate():
 def test_cli_usage_names_are_the_installed_commands():
     cfg = open(os.path.join(ROOT, "setup.cfg")).read()
     for command, module in (("hpcdd-prep", "data_prep/cli.py"), ("hpcdd-run", "hpcdd/run.py"),
-                            ("hpcdd-predict", "hpcdd/predict.py")):
+                            ("hpcdd-predict", "hpcdd/predict.py"), ("hpcdd-report", "hpcdd/report.py")):
         assert f"{command} = " in cfg
         assert f'prog="{command}"' in open(os.path.join(ROOT, module)).read(), module

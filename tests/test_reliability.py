@@ -7,113 +7,21 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-from tests.conftest import env_for_tests, mounted_tmpfs, mpiexec_path, require_ok, run_python
+from tests.helpers import (
+    assert_identical, finish, flip_pixel_bytes, kill_all, mounted_tmpfs, prepare, rank_pids, require_ok, resumes,
+    run_python, start, strip, trained_an_epoch, wait_for)
 
-pytestmark = pytest.mark.mpi
+pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 
 CFG = ["--threads", "1", "--set", "local.epochs=2", "--set", "dnn.epochs=10", "--set", "global.epochs=2",
        "--set", "coherent.scratch.epochs=2", "--set", "coherent.transfer.epochs=1", "--set", "model.widths=8,16,32",
        "--set", "local.batch_size=32", "--set", "coherent.scratch.batch_size=32", "--set", "global.batch_size=64",
        "--set", "local.augment_shift=0"]
-TIMING = ("seconds", "speedup", "images_per_s", "created", "started", "time", "comm_bytes", "efficiency")
-
-
-def start(args, ranks=2):
-    cmd = [mpiexec_path(), "-n", str(ranks), sys.executable, "-m", "hpcdd.run", *map(str, args)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_for_tests(),
-                            start_new_session=True)
-
-
-def wait_for(proc, condition, timeout=240):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if condition():
-            return True
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"run ended (exit {proc.returncode}) before the kill point\n{out[-2000:]}\n{err[-3000:]}")
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    pytest.fail("kill point never reached")
-
-
-def trained_an_epoch(run, pattern="sub_*.ckpt.pt", every=()):
-    """Whether a local checkpoint matching ``pattern`` holds a completed epoch (fused trainings also
-    write one at the start); with ``every`` (subdomains), whether each of them does: a fused group
-    resumes from the last point all of its checkpoints hold, and they are written one after another."""
-    done = set()
-    for p in glob.glob(os.path.join(run, "local", pattern)):
-        try:
-            if torch.load(p, weights_only=True)["state"]["epoch"] >= 1:
-                done.add(int(os.path.basename(p)[4:7]))
-        except (OSError, RuntimeError, EOFError):
-            pass  # replaced while being read
-    return set(every) <= done if every else bool(done)
-
-
-def kill_all(proc):
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-
-
-def finish(proc, timeout=600):
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, out, err
-
-
-def rank_pids(run_dir):
-    """PID of each rank, from the ranks.json the run writes at start."""
-    path = os.path.join(run_dir, "ranks.json")
-    return {r["rank"]: r["pid"] for r in json.load(open(path))["ranks"]} if os.path.exists(path) else {}
-
-
-def strip(obj):
-    if isinstance(obj, dict):
-        return {k: strip(v) for k, v in obj.items() if not any(t in k for t in TIMING)}
-    if isinstance(obj, list):
-        return [strip(v) for v in obj]
-    return obj
-
-
-def resumes(run):
-    """The resume events of a run's metrics.jsonl: (phase, subdomain or strategy, epoch, step)."""
-    out = []
-    for line in open(os.path.join(run, "metrics.jsonl")):
-        e = json.loads(line)
-        if e.get("event") == "resume":
-            out.append((e["phase"], e.get("subdomain", e.get("strategy", e.get("model"))), e["epoch"], e["step"]))
-    return out
-
-
-def assert_identical(a, b, ignore=()):
-    """Runs ``a`` and ``b`` hold the same results (but timings and the keys ``ignore``) and the same tensors."""
-    ra, rb = (strip(json.load(open(os.path.join(r, "results.json")))) for r in (a, b))
-    assert {k: v for k, v in ra.items() if k not in ignore} == {k: v for k, v in rb.items() if k not in ignore}
-    files = sorted(os.path.relpath(p, b) for p in glob.glob(os.path.join(b, "**", "*.pt"), recursive=True))
-    assert files == sorted(os.path.relpath(p, a) for p in glob.glob(os.path.join(a, "**", "*.pt"), recursive=True))
-    assert "model.pt" in files and "local/sub_003.pt" in files
-
-    def tensors(obj, prefix=""):
-        if isinstance(obj, dict):
-            for k, v in obj.items():
-                if k not in ("summary", "info", "meta"):
-                    yield from tensors(v, f"{prefix}/{k}")
-        elif torch.is_tensor(obj):
-            yield prefix, obj
-
-    for f in files:
-        ta = dict(tensors(torch.load(os.path.join(a, f), weights_only=True)))
-        tb = dict(tensors(torch.load(os.path.join(b, f), weights_only=True)))
-        assert ta.keys() == tb.keys() and ta
-        for k in ta:
-            assert torch.equal(ta[k], tb[k]), f"{f}{k} differs"
 
 
 @pytest.fixture(scope="module")
@@ -411,7 +319,6 @@ def test_data_prepared_again_during_a_run_stops_it(fashion_dir, tmp_path):
     """data_prep --force into DATA while a run reads it (another seed: another validation split): the
     run stops at the next phase start with one line naming the change, instead of mixing the two
     (or, if a rank opens a shard of the new preparation first, with the line naming that shard)."""
-    from tests.conftest import prepare
 
     data = tmp_path / "data"
     prepare(fashion_dir, data)
@@ -443,7 +350,6 @@ def test_a_shard_copied_over_during_a_run_is_refused_when_read_again(fashion_dir
     the aggregate phase): the run stops with one line naming the shard, never trains or scores on a mix."""
     import shutil
 
-    from tests.conftest import prepare
 
     data, other = tmp_path / "data", tmp_path / "other"
     prepare(fashion_dir, data)
@@ -485,7 +391,6 @@ def test_damaged_pixels_stop_the_run_in_one_line(small_data, tmp_path):
     reads that chunk, one line naming shard, split and chunk, instead of training on it with exit 0."""
     import shutil
 
-    from tests.test_data import flip_pixel_bytes
 
     data = tmp_path / "data"
     shutil.copytree(small_data, data)

@@ -12,9 +12,9 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.conftest import prepare, run_python
+from tests.helpers import env_for_tests, prepare, run_python
 
-pytestmark = pytest.mark.mpi
+pytestmark = [pytest.mark.mpi]
 
 
 def hpcdd_run(*args, ranks=None):
@@ -231,7 +231,6 @@ def test_disk_too_full_is_refused(small_data, tmp_path, monkeypatch):
 
 def test_compile_on_without_a_compiler_is_one_line(small_data, tmp_path):
     """performance.compile = "on" where no C++ compiler is on PATH: refused before training, exit 2."""
-    from tests.conftest import env_for_tests
 
     env = env_for_tests(PATH=str(tmp_path), CXX="no-such-c++")
     proc = run_python(["-m", "hpcdd.run", "--data", small_data, "--out", str(tmp_path / "run"), "--threads", "1",

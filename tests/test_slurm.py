@@ -10,14 +10,10 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, require_ok, run_python
+from tests.helpers import ROOT, SMALL, assert_identical, edited, job_env, require_ok, run_python
 from tests.slurm_cluster import Cluster, missing
-from tests.test_reliability import assert_identical
 
-pytestmark = [pytest.mark.mpi]
-
-SMALL = ("--set local.epochs=2 --set dnn.epochs=10 --set global.epochs=1 --set coherent.scratch.epochs=1 "
-         "--set coherent.transfer.epochs=1 --set model.widths=8,16,32 --set local.batch_size=32")
+pytestmark = [pytest.mark.mpi, pytest.mark.slurm, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -31,27 +27,6 @@ def cluster(tmp_path_factory):
         yield c
     finally:
         c.stop()
-
-
-def job_env(cluster, **extra):
-    env = dict(cluster.env, HPCDD_PYTHON=sys.executable, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
-
-
-def edited(template: str, dest, lines: dict, sbatch: dict | None = None) -> str:
-    """The template with its EDIT lines set as a user would (and #SBATCH values changed)."""
-    text = open(os.path.join(ROOT, "jobs", template)).read()
-    for key, value in lines.items():
-        text, n = re.subn(rf"^{key}=.*$", f"{key}={value}", text, flags=re.M)
-        assert n == 1, key
-    for key, value in (sbatch or {}).items():
-        text, n = re.subn(rf"^#SBATCH --{key}=.*$", f"#SBATCH --{key}={value}", text, flags=re.M)
-        assert n == 1, key
-    path = os.path.join(str(dest), template)
-    with open(path, "w") as f:
-        f.write(text)
-    return path
 
 
 def submit(cluster, script, cwd, env) -> str:

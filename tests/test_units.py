@@ -13,6 +13,7 @@ from hpcdd.aggregators import DNN, average, vote
 from hpcdd.config import ModelConfig, build_config, load_toml
 from hpcdd.errors import UserError
 from hpcdd.models import build_model, count_parameters, default_width_scale
+from tests.helpers import ROOT, env_for_tests, run_python
 
 
 @pytest.mark.parametrize("family,spatial", [("vgg", (15, 15)), ("vgg", (7, 9)), ("resnet20", (16, 16)),
@@ -126,7 +127,6 @@ def test_specific_key_wins_over_epochs_shorthand(argv):
 
 
 def test_print_config_is_toml_that_round_trips(tmp_path):
-    from tests.conftest import run_python
 
     proc = run_python(["-m", "hpcdd.run", "--print-config", "--set", "dnn.hidden=32,16", "--epochs", "2",
                        "--set", "coherent.strategies=scratch"])
@@ -172,6 +172,7 @@ def test_no_two_trainings_share_a_random_stream():
                 assert dropouts.setdefault(counters, (seed, name, epoch)) == (seed, name, epoch), (seed, name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compile_,spatial", [("off", (12, 12)), ("on", (12, 12)), ("off", (6, 8, 10))])
 def test_accelerated_cnn_computes_what_the_plain_one_does(compile_, spatial):
     """channels_last (and torch.compile, applied in place): same outputs and gradients to float
@@ -249,6 +250,7 @@ class _World:
         self.aborted.append((code, message))
 
 
+@pytest.mark.slow
 def test_a_slow_first_step_is_progress_within_its_limit(tmp_path, monkeypatch):
     """torch.compile compiling a first step for longer than watchdog_timeout is not a deadlock; past
     SLOW_STEP_LIMIT the watchdog fires and says what was running."""
@@ -322,13 +324,13 @@ def test_epoch_records_keep_the_last_of_each_epoch(tmp_path):
         ("local", 0, 1, 2.0), ("local", 1, 1, 2.5), ("local", 0, 2, 1.8), ("coherent", None, 1, 1.0)]
 
 
+@pytest.mark.slow
 def test_gpu_check_stops_at_once_without_a_gpu():
     """benchmarks/gpu_check.py, prepared for a session lent a GPU: where none is visible it says so in one
     line and exits 2 before any work (no data prepared, nothing trained)."""
     import subprocess
     import sys
 
-    from tests.conftest import ROOT, env_for_tests
 
     t0 = time.time()
     proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py"], capture_output=True, text=True, timeout=120,
@@ -336,3 +338,25 @@ def test_gpu_check_stops_at_once_without_a_gpu():
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and proc.stdout == "" and len(lines) == 1, (proc.returncode, proc.stdout, proc.stderr)
     assert lines[0].startswith("gpu_check: no CUDA device visible") and time.time() - t0 < 60
+
+
+def test_auc_and_balanced_accuracy_against_their_definitions():
+    """AUC: the share of (positive, negative) pairs ranked right, ties half; balanced accuracy: the
+    mean recall of the classes present."""
+    from hpcdd.metrics import auc, balanced_accuracy, imbalanced
+
+    rng = np.random.default_rng(0)
+    for trial in range(100):
+        n = int(rng.integers(2, 60))
+        score = rng.integers(0, 4, n).astype(float) if trial % 2 else rng.random(n)  # many ties, none
+        y = rng.integers(0, 2, n)
+        pos, neg = score[y == 1], score[y == 0]
+        if len(pos) == 0 or len(neg) == 0:
+            assert auc(score, y) is None
+            continue
+        pairs = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg))
+        assert abs(auc(score, y) - pairs) < 1e-12
+    y = np.array([0, 0, 0, 0, 1, 1, 2])
+    pred = np.array([0, 0, 0, 1, 1, 0, 2])
+    assert balanced_accuracy(pred, y, 4) == (3 / 4 + 1 / 2 + 1) / 3  # class 3 absent: not counted
+    assert imbalanced([229, 69]) and not imbalanced([100, 90, 0])

@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, env_for_tests, mpiexec_path, prepare
+from tests.helpers import ROOT, env_for_tests, mpiexec_path, prepare
 
-pytestmark = pytest.mark.mpi
+pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 
 ARGS = ["--threads", "1", "--set", "local.epochs=2", "--set", "dnn.epochs=20", "--set", "global.epochs=1",
         "--set", "coherent.scratch.epochs=1", "--set", "coherent.transfer.epochs=1", "--set", "model.widths=8,16,32",

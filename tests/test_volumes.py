@@ -10,9 +10,9 @@ import os
 import pytest
 import torch
 
-from tests.conftest import ROOT, require_ok, run_python
+from tests.helpers import ROOT, require_ok, run_python
 
-pytestmark = pytest.mark.mpi
+pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 
 ADRENAL = os.path.join(ROOT, "tests", "data", "adrenalmnist3d_28.npz")
 ARGS = ["--threads", "1", "--set", "model.widths=16,32,64", "--set", "local.epochs=5", "--set", "local.batch_size=32",

@@ -16,9 +16,8 @@ from .. import checkpoint
 from ..aggregators import accuracy, average, vote
 from ..metrics import scores
 from ..coherent import dnn_view
-from ..collectives import bcast_array, gather_rows
+from ..collectives import bcast_array
 from ..data import TensorData
-from ..fused import load_state_dicts
 from ..launcher import oversubscribed
 from ..manifest import SPLITS
 from ..models import count_parameters
@@ -26,43 +25,11 @@ from ..rng import stream_of
 from ..training import Fit, fit, group_logits
 
 
-def gather_at_root(ctx, split: str, compute) -> np.ndarray | None:
-    """(n, N, K) outputs of every subdomain on a split, at rank 0 (None elsewhere).
-
-    ``compute()`` gives this rank's (n_owned, n, K) block; only the first replica of a subdomain
-    computes it, the others send nothing. Ownership blocks are contiguous and in rank order, so the
-    rows arrive in subdomain order.
-    """
-    n = ctx.manifest.count(split)
-    mine = compute() if ctx.world.own.replica == 0 else np.zeros((0, n, ctx.manifest.k), np.float32)
-    full = gather_rows(ctx.world.comm, mine)
-    return None if full is None else np.ascontiguousarray(full.transpose(1, 0, 2))
-
-
-def local_groups(ctx, path_of=None) -> dict:
-    """This rank's local CNNs, keyed by the tuple of subdomains each module computes: those that fuse
-    (``performance.fuse_local``) as one fused model, the others alone; with the weights in
-    ``path_of(i)`` (None: as initialised)."""
-    from .local import fused_groups
-
-    groups = {}
-    for group in fused_groups(ctx, ctx.world.own.subdomains):
-        model = ctx.models.group(group)
-        if path_of is not None:
-            load_state_dicts(model, [checkpoint.load(path_of(i))["model"] for i in group])
-        groups[tuple(group)] = model
-    return groups
-
-
 def local_logits(ctx, groups: dict, split: str) -> np.ndarray:
-    """(owned subdomains, n, K) logits of this rank's local CNNs (``local_groups``) on a split."""
+    """(owned subdomains, n, K) logits of this rank's local CNNs (``RunContext.local_groups``) on a split."""
     out = group_logits(groups, {i: ctx.data(i, split) for i in ctx.world.own.subdomains}, ctx.device,
                        ctx.cfg.eval_batch_size)
     return np.stack([out[i] for i in ctx.world.own.subdomains])
-
-
-def labels_of(ctx, split: str) -> torch.Tensor:
-    return ctx.data(ctx.world.own.subdomains[0], split).y
 
 
 def on_root(ctx, work, meanwhile=None):
@@ -86,6 +53,12 @@ def on_root(ctx, work, meanwhile=None):
     return result
 
 
+# The DNN's epochs are short (tens of ms on Fashion-MNIST's 54,000 samples): a checkpoint after each cost
+# about as much as the epoch. Every 10 s at most, the first and last epochs and a stop always: a kill
+# loses at most 10 s, and the resumed DNN replays the epochs since bit for bit (counter-based streams).
+DNN_CHECKPOINT_SECONDS = 10.0
+
+
 def train_dnn(ctx, feats: dict, labels: dict):
     """Rank 0: the DNN trained by the engine on the local outputs, selected on validation."""
     model = ctx.models.dnn()
@@ -101,7 +74,7 @@ def train_dnn(ctx, feats: dict, labels: dict):
         name="DNN", train=TensorData(feats["train"].to(ctx.device), labels["train"]),
         val=TensorData(feats["val"].to(ctx.device), labels["val"]), t=ctx.cfg.dnn,
         stream=stream_of(ctx.cfg.seed, "dnn"), device=ctx.device, eval_batch=ctx.cfg.eval_batch_size,
-        checkpoint=ctx.layout.dnn_checkpoint, on_epoch=on_epoch, on_resume=ctx.resume_logger("aggregate", model="dnn"),
+        checkpoint=ctx.layout.dnn_checkpoint, checkpoint_interval=DNN_CHECKPOINT_SECONDS, on_epoch=on_epoch, on_resume=ctx.resume_logger("aggregate", model="dnn"),
         stop=ctx.stop_alone(), on_step=ctx.training("DNN", ctx.cfg.dnn.epochs, {})))
     ctx.progress.end_training()
     return state.best["model"], {"best_val": state.best_val, "best_epoch": state.best_epoch,
@@ -113,7 +86,7 @@ def run(ctx) -> None:
     layout, m = ctx.layout, ctx.manifest
     os.makedirs(layout.phase_dir("aggregate"), exist_ok=True)
     # inference copies, BatchNorm folded
-    models = {g: ctx.models.inference(m) for g, m in local_groups(ctx, layout.local_model).items()}
+    models = {g: ctx.models.inference(m) for g, m in ctx.local_groups(layout.local_model).items()}
     logits, seconds = {}, {"inference": {}, "gather": {}}
 
     def infer(split):
@@ -124,7 +97,7 @@ def run(ctx) -> None:
 
     def gathered(split, ready=None):
         t1 = time.perf_counter()
-        full = gather_at_root(ctx, split, (lambda: ready) if ready is not None else lambda: infer(split))
+        full = ctx.gather_at_root(split, (lambda: ready) if ready is not None else lambda: infer(split))
         wall = time.perf_counter() - t1
         mine = seconds["inference"].get(split, 0.0)
         seconds["gather"][split] = wall - (mine if ready is None else 0.0)
@@ -136,7 +109,7 @@ def run(ctx) -> None:
         logits[split] = gathered(split)
     kind = ctx.cfg.dnn.input
     if ctx.world.is_root:
-        labels = {s: labels_of(ctx, s) for s in SPLITS}
+        labels = {s: ctx.labels(s) for s in SPLITS}
         feats = {s: dnn_view(torch.from_numpy(logits[s]), kind) for s in ("train", "val")}
     # the DNN needs only train and val: the other ranks compute their test outputs meanwhile, rank 0
     # after it; with more ranks than cores that only slows the DNN, so then every rank computes them first
@@ -156,6 +129,13 @@ def run(ctx) -> None:
         info = trained[1]
         dnn.eval()
         results = {"methods": {}, "local": [{"subdomain": i} for i in range(m.n)]}
+
+        def record(entry: dict, split: str, pred, y, p) -> None:
+            """Accuracy on every split; on test also the scores for imbalanced classes (``metrics``)."""
+            entry[split] = accuracy(pred, y)
+            if split == "test":
+                entry.update(scores(pred, y, m.k, p[:, -1]))
+
         for s in SPLITS:
             probs = torch.softmax(torch.from_numpy(logits[s]), dim=-1).numpy()
             y = labels[s].numpy()
@@ -166,15 +146,10 @@ def run(ctx) -> None:
             votes = np.stack([(probs.argmax(2) == c).mean(1) for c in range(m.k)], 1)  # a vote's share per class
             for name, pred, p in (("dnn", pred_dnn, p_dnn), ("average", average(probs), probs.mean(1)),
                                   ("vote", vote(probs), votes)):
-                results["methods"].setdefault(name, {})[s] = accuracy(pred, y)
-                if s == "test":
-                    results["methods"][name].update(scores(pred, y, m.k, p[:, -1]))
+                record(results["methods"].setdefault(name, {}), s, pred, y, p)
             for i in range(m.n):
-                results["local"][i][s] = accuracy(probs[:, i].argmax(1), y)
-                if s == "test":
-                    results["local"][i].update(scores(probs[:, i].argmax(1), y, m.k, probs[:, i, -1]))
-            if s == "test":
-                results["test_class_counts"] = np.bincount(y, minlength=m.k).tolist()
+                record(results["local"][i], s, probs[:, i].argmax(1), y, probs[:, i])
+        results["test_class_counts"] = np.bincount(labels["test"].numpy(), minlength=m.k).tolist()
         info["wall_seconds"] = time.perf_counter() - t0
         results["dnn"] = info
         # where the phase's time goes (rank 0): the local CNNs' inference per split, waiting for the

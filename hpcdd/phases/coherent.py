@@ -24,14 +24,13 @@ from ..errors import UserError
 from ..ownership import slice_rows
 from ..rng import stream_of
 from ..training import buffers_of
-from .aggregate import gather_at_root, labels_of, local_groups
 
 
 def coherent_accuracy(ctx, model: DistributedCoherent, split: str, more: bool = False):
     """Accuracy of the coherent model on a split: outputs gathered at rank 0, the DNN there. ``more``:
     (accuracy, the metrics of hpcdd.metrics.scores) instead."""
     n = ctx.manifest.count(split)
-    full = gather_at_root(ctx, split, lambda: model.local_outputs(
+    full = ctx.gather_at_root(split, lambda: model.local_outputs(
         {i: ctx.data(i, split) for i in ctx.world.own.subdomains}, np.arange(n), ctx.device, ctx.cfg.eval_batch_size))
     acc = None
     if ctx.world.is_root:
@@ -40,7 +39,7 @@ def coherent_accuracy(ctx, model: DistributedCoherent, split: str, more: bool = 
         with torch.no_grad():
             out = model.dnn(z)
         model.dnn.train()
-        pred, y = out.argmax(1).cpu().numpy(), labels_of(ctx, split).numpy()
+        pred, y = out.argmax(1).cpu().numpy(), ctx.labels(split).numpy()
         acc = accuracy(pred, y)
         if more:
             acc = (acc, scores(pred, y, ctx.manifest.k, torch.softmax(out, -1)[:, -1].cpu().numpy()))
@@ -84,10 +83,10 @@ def build_coherent(ctx, strategy: str) -> DistributedCoherent:
     """scratch: the local-phase and DNN initialisations; transfer: the trained local CNNs and DNN."""
     dnn = ctx.models.dnn()
     if strategy == "transfer":
-        groups = local_groups(ctx, ctx.layout.local_model)
+        groups = ctx.local_groups(ctx.layout.local_model)
         dnn.load_state_dict(checkpoint.load(ctx.layout.dnn)["model"])
     else:
-        groups = local_groups(ctx)
+        groups = ctx.local_groups()
     return DistributedCoherent(ctx.world, groups, dnn, ctx.manifest.n, ctx.cfg.dnn.input)
 
 

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .. import checkpoint
+from ..collectives import gather_outputs
 from ..config import Config
 from ..events import EventLog
 from ..factory import DataCache, Models
+from ..fused import load_state_dicts, shape_groups
 from ..layout import RunLayout
 from ..manifest import Manifest
 from ..parallel import World
@@ -70,6 +74,34 @@ class RunContext:
                                  self.cfg.performance)
         if self.data is None:
             self.data = DataCache(self.manifest, self.cfg.memory_limit_gb, self.world.device, self.cfg.data_on_device)
+
+    def fused_groups(self, subdomains: list) -> list:
+        """``subdomains`` as groups that run as one fused model (``fused.shape_groups``, by
+        ``performance.fuse_local``), or one by one."""
+        return shape_groups(self.models, subdomains, self.cfg.performance.fuse_local, self.device,
+                            self.world.own.replicas)
+
+    def local_groups(self, path_of=None) -> dict:
+        """This rank's local CNNs, keyed by the tuple of subdomains each module computes (fused where
+        ``fused_groups`` says so), with the weights in ``path_of(i)`` (None: as initialised)."""
+        groups = {}
+        for group in self.fused_groups(self.world.own.subdomains):
+            model = self.models.group(group)
+            if path_of is not None:
+                load_state_dicts(model, [checkpoint.load(path_of(i))["model"] for i in group])
+            groups[tuple(group)] = model
+        return groups
+
+    def gather_at_root(self, split: str, compute):
+        """(n, N, K) outputs of every subdomain on a split, at rank 0 (None elsewhere): ``compute()``
+        gives this rank's (n_owned, n, K) block; only the first replica of a subdomain computes it."""
+        n = self.manifest.count(split)
+        mine = compute() if self.world.own.replica == 0 else np.zeros((0, n, self.manifest.k), np.float32)
+        return gather_outputs(self.world.comm, mine)
+
+    def labels(self, split: str):
+        """The labels of a split (every shard holds them, in the same order)."""
+        return self.data(self.world.own.subdomains[0], split).y
 
     @property
     def device(self):

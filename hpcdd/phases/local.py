@@ -14,27 +14,9 @@ import time
 from .. import checkpoint
 from ..data import MemberData
 from ..errors import UserError
-from ..fused import fusable
 from ..models import count_parameters
 from ..rng import stream_of
 from ..training import Fit, fit
-
-
-# Fused training pays where per-operator overhead dominates: narrow local CNNs. Measured on the 2-core
-# CPU (1 thread, batch 128, a step fused against the members one after another): VGG widths 8..32 on
-# 9x9 subimages 1.4x (2 members) and 1.75x (4), 11x11 1.3x (2), 15x15 1.03x (4); widths 11..45 on 9x9
-# 1.25x (2); widths 16..64 on 15x15 1.0x (2) and 0.84x (4); ResNet-18 layout widths 4..32 on 32x36 1.7x (2).
-FUSE_MAX_WIDTH = 48
-
-
-def fuses(setting: str, device, replicas: int, model) -> bool:
-    """Whether local CNNs of one shape train fused: "on", or "auto" on the CPU for CNNs whose widest
-    convolution has at most FUSE_MAX_WIDTH channels (not yet measured on a GPU); never with replicas
-    (a rank then owns one subdomain)."""
-    if setting == "off" or replicas > 1 or not fusable(model):
-        return False
-    widest = max((m.out_channels for m in model.modules() if hasattr(m, "out_channels")), default=0)
-    return setting == "on" or (str(device) == "cpu" and widest <= FUSE_MAX_WIDTH)
 
 
 def _points(path: str) -> set:
@@ -53,27 +35,11 @@ def _points(path: str) -> set:
     return points
 
 
-def fused_groups(ctx, subdomains: list) -> list:
-    """``subdomains`` as groups that run as one fused model (same subimage shape), or one by one
-    where ``performance.fuse_local`` says not to fuse."""
-    return shape_groups(ctx.models, subdomains, ctx.cfg.performance.fuse_local, ctx.device, ctx.world.own.replicas)
-
-
-def shape_groups(models, subdomains: list, setting: str, device, replicas: int = 1) -> list:
-    """``fused_groups`` without a run: ``models`` a ``factory.Models`` (benchmarks time these groups)."""
-    if len(subdomains) < 2 or not fuses(setting, device, replicas, models.plain_local(subdomains[0])):
-        return [[i] for i in subdomains]
-    groups: dict = {}
-    for i in subdomains:
-        groups.setdefault(models.manifest.subimage_shape(i), []).append(i)
-    return sorted(groups.values())
-
-
 def training_groups(ctx, subdomains: list) -> list:
     """The subdomains to train, as groups trained together: same subimage shape and a point every
     member holds (the start, when none has a checkpoint; the engine resumes from the newest)."""
     groups = []
-    for group in fused_groups(ctx, subdomains):
+    for group in ctx.fused_groups(subdomains):
         held = [_points(ctx.layout.local_checkpoint(i)) for i in group]
         if len(group) == 1 or set.intersection(*held):
             groups.append(group)

@@ -20,7 +20,7 @@ from hpcdd.factory import DataCache, Models
 from hpcdd.manifest import load_manifest
 from hpcdd.ownership import slice_rows
 from hpcdd.parallel import init_world
-from hpcdd.phases.local import shape_groups
+from hpcdd.fused import shape_groups
 from hpcdd.rng import TAG_COHERENT, TAG_DNN, seed_torch, stream_of
 from hpcdd.training import train_step
 

@@ -1,0 +1,117 @@
+"""The import graph of hpcdd: layered, no cycles, phases are leaves (docs/architecture.md, "Layers").
+
+Every import of an hpcdd module counts, at the top of a file or inside a function (a lazy import
+still ties the two modules); imports under ``if TYPE_CHECKING:`` do not.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# lowest first; a module may import its own layer and the ones below, never one above
+LAYERS = (
+    ("foundation", {"hpcdd", "hpcdd.errors", "hpcdd.extras", "hpcdd.rng", "hpcdd.metrics", "hpcdd.augmentation",
+                    "hpcdd.layout", "hpcdd.launcher", "hpcdd.checkpoint", "hpcdd.decomposition", "hpcdd.manifest",
+                    "hpcdd.ownership", "hpcdd.device", "hpcdd.collectives", "hpcdd.watchdog", "hpcdd.acceleration",
+                    "hpcdd.registry", "hpcdd.cli_util"}),
+    ("concepts, data, training, plumbing", {
+        "hpcdd.config", "hpcdd.data", "hpcdd.models", "hpcdd.fused", "hpcdd.aggregators", "hpcdd.coherent",
+        "hpcdd.training", "hpcdd.engine", "hpcdd.preemption", "hpcdd.events", "hpcdd.progress", "hpcdd.export",
+        "hpcdd.factory", "hpcdd.parallel", "hpcdd.failures"}),
+    ("phases and report", {"hpcdd.phases", "hpcdd.phases.context", "hpcdd.phases.local", "hpcdd.phases.aggregate",
+                           "hpcdd.phases.coherent", "hpcdd.phases.global_cnn", "hpcdd.phases.report", "hpcdd.report"}),
+    ("entry points", {"hpcdd.runner", "hpcdd.run", "hpcdd.predict", "hpcdd.__main__"}),
+)
+SHARED_BY_PHASES = {"hpcdd.phases", "hpcdd.phases.context"}
+
+
+def modules(package: str = "hpcdd") -> dict:
+    out = {}
+    for folder, _, files in os.walk(os.path.join(ROOT, package)):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(folder, f)
+                name = os.path.relpath(path[:-3], ROOT).replace(os.sep, ".")
+                out[name[:-len(".__init__")] if name.endswith(".__init__") else name] = path
+    return out
+
+
+def _type_checking(node) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def imports_of(name: str, path: str, known) -> set:
+    """The hpcdd modules that module ``name`` (file ``path``) imports, anywhere but TYPE_CHECKING blocks."""
+    package = name if path.endswith("__init__.py") else name.rsplit(".", 1)[0]
+    found = set()
+
+    def visit(node):
+        if _type_checking(node):
+            return
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            if base.split(".")[0] == "hpcdd":
+                for alias in node.names:
+                    found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "hpcdd")
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(open(path).read()))
+    return {m for m in found if m in known} - {name}
+
+
+def graph() -> dict:
+    mods = modules()
+    return {name: imports_of(name, path, mods) for name, path in mods.items()}
+
+
+def problems(edges: dict, layers=LAYERS, shared=SHARED_BY_PHASES, phases="hpcdd.phases.") -> list:
+    """Every rule the graph breaks, in words: an unlayered module, an upward import, a phase that
+    imports another phase, a cycle."""
+    level = {m: k for k, (_, members) in enumerate(layers) for m in members}
+    out = [f"{m} is in no layer of tests/test_imports.py" for m in sorted(edges) if m not in level]
+    for a in sorted(edges):
+        for b in sorted(edges[a]):
+            if a in level and b in level and level[b] > level[a]:
+                out.append(f"upward import: {a} ({layers[level[a]][0]}) imports {b} ({layers[level[b]][0]})")
+            if a.startswith(phases) and b.startswith(phases) and a not in shared and b not in shared:
+                out.append(f"phase {a} imports phase {b}")
+    state: dict = {}
+
+    def walk(v, stack):
+        state[v] = "open"
+        for w in sorted(edges.get(v, ())):
+            if state.get(w) == "open":
+                out.append("cycle: " + " -> ".join(stack[stack.index(w):] + [w]))
+            elif w not in state:
+                walk(w, stack + [w])
+        state[v] = "done"
+
+    for v in sorted(edges):
+        if v not in state:
+            walk(v, [v])
+    return out
+
+
+def test_the_import_graph_is_layered_acyclic_and_phases_are_leaves():
+    edges = graph()
+    assert "hpcdd.phases.coherent" in edges and "hpcdd.config" in edges["hpcdd.models"]
+    assert problems(edges) == []
+
+
+def test_the_checker_finds_what_it_looks_for():
+    layers = (("low", {"a", "b"}), ("high", {"p", "p.x", "p.y"}))
+    edges = {"a": {"b"}, "b": {"a", "p.x"}, "p": set(), "p.x": {"p.y"}, "p.y": set(), "c": set()}
+    found = problems(edges, layers, shared={"p"}, phases="p.")
+    assert "c is in no layer of tests/test_imports.py" in found
+    assert "upward import: b (low) imports p.x (high)" in found
+    assert "phase p.x imports phase p.y" in found
+    assert "cycle: a -> b -> a" in found
