@@ -4,7 +4,8 @@ The local CNNs, the global CNN, the DNN and the coherent CNN-DNN differ only in 
 does, how validation is scored and which weights are kept; a ``Loop`` names those, and ``train``
 does the rest the same way for all four: resume from a checkpoint at any step boundary, poll the
 preemption flag before every step, refuse a non-finite loss, step the schedule, keep the best
-weights on validation, checkpoint every epoch (and at a preemption step), report each epoch.
+weights on validation, checkpoint every epoch or every ``checkpoint_interval`` seconds (and at a
+preemption step), report each epoch.
 See docs/architecture.md, "Training engine".
 """
 

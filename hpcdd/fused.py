@@ -1,4 +1,5 @@
-"""Several local CNNs of one rank trained as one grouped model (``performance.fuse_local``).
+"""Several local CNNs of one rank trained as one grouped model (``performance.fuse_local``), and the
+policy of which ones do (``fuses``, ``shape_groups``).
 
 A rank that owns several subdomains with the same subimage shape can train their local CNNs as one
 computation: every convolution becomes one grouped convolution (member m's channels are the m-th
@@ -7,7 +8,7 @@ becomes one batched matrix product, and dropout draws each member's mask from th
 generator exactly as ``F.dropout`` draws it on the CPU. Each member keeps its own parameters (a
 block of the fused tensors), optimizer state (Adam, AdamW and SGD are elementwise), minibatch order
 (the local CNNs share one) and dropout stream, so fused training computes what training the members
-one after another computes, to float tolerance (tests/test_units.py). Weights and checkpoints are
+one after another computes, to float tolerance (tests/test_fused.py). Weights and checkpoints are
 read and written per member in the unfused format, so a fused run and an unfused one can resume
 each other.
 

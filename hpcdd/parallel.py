@@ -3,7 +3,8 @@
 ``init_world`` is the only place that touches ``MPI.COMM_WORLD``; launcher parsing
 (``hpcdd.launcher``), ownership (``hpcdd.ownership``), device choice (``hpcdd.device``), the
 collectives (``hpcdd.collectives``) and failure handling (``hpcdd.failures``) live in their own
-modules. Phases receive a ``World`` and its ``Group``s, never raw communicators.
+modules. Phases receive a ``World``: its ``Group``s for data-parallel work, and its communicator
+only to hand to a collective of ``hpcdd.collectives`` (``bcast_array``, ``gather_outputs``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """What a phase is handed: configuration, world, manifest, run layout, models, data, run state, logging.
 
-Each part is its own object; ``RunContext`` only bundles them and adds the stop polls and the
-logging that every phase uses in the same way.
+Each part is its own object; ``RunContext`` bundles them and adds what more than one phase does
+the same way: the stop polls, the logging, which local CNNs a rank runs fused (``fused_groups``,
+``local_groups``), gathering every subdomain's outputs at rank 0 (``gather_at_root``) and the labels.
+Phases import this module and nothing of each other (tests/test_imports.py).
 """
 
 from __future__ import annotations
