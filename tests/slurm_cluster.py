@@ -210,6 +210,27 @@ class Cluster:
                 return field.split("=", 1)[1]
         return "UNKNOWN"
 
+    def release_requeued(self, job: str, timeout: float = 180) -> None:
+        """Start a requeued job now instead of after SLURM's hold (about two minutes), once that is safe:
+        no step of it left, every node idle again (its epilog done; on emulated nodes no process left),
+        and a few seconds past the requeue, because slurmd refuses a job credential issued in the
+        second its job's old one was revoked ("Killing non-startable batch job: Job credential
+        revoked", the job then ends FAILED)."""
+        t0, why = time.time(), ""
+        while time.time() - t0 < timeout:
+            steps = self.run("squeue", "-h", "-s", "-j", job, check=False).stdout.strip()
+            states = self.run("sinfo", "-h", "-N", "-o", "%N %t", check=False).stdout.split("\n")
+            busy = [s for s in states if s.strip() and not s.split()[-1].startswith("idle")]
+            leftovers = [n for n in self.nodes if self.node_pids(n)]
+            why = f"steps {steps!r}, nodes not idle {busy}, processes left on {leftovers}"
+            if not steps and not busy and not leftovers:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"requeued job {job} never became startable in {timeout:.0f} s: {why}")
+        time.sleep(3.0)
+        self.run("scontrol", "update", f"jobid={job}", "StartTime=now", check=False)
+
     def ctld_lines(self, job: str, last: int = 40) -> str:
         """slurmctld's log lines about ``job`` (for a failed test's message: why SLURM did what it did)."""
         try:
