@@ -230,3 +230,20 @@ def flip_pixel_bytes(path, split: str, chunk: int, count: int = 20000) -> None:
         raw = bytearray(f.read(n))
         f.seek(info.byte_offset)
         f.write(bytes(b ^ 0x5A for b in raw))
+
+
+def cifar_pickles(src, x, y, x_test, y_test, names) -> None:
+    """torchvision's ``cifar-10-batches-py`` layout in ``src``: five training batches, the test batch
+    and the class names (``x``: uint8 (n, 3, 32, 32), n divisible by 5)."""
+    import pickle
+
+    os.makedirs(src)
+    per = len(x) // 5
+    for j in range(5):
+        with open(os.path.join(src, f"data_batch_{j + 1}"), "wb") as f:
+            part = slice(j * per, (j + 1) * per)
+            pickle.dump({b"data": x[part].reshape(per, -1), b"labels": y[part].tolist()}, f)
+    with open(os.path.join(src, "test_batch"), "wb") as f:
+        pickle.dump({b"data": x_test.reshape(len(x_test), -1), b"labels": list(map(int, y_test))}, f)
+    with open(os.path.join(src, "batches.meta"), "wb") as f:
+        pickle.dump({b"label_names": [n.encode() for n in names]}, f)

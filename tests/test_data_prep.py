@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.helpers import env_for_tests, fashion_images, mounted_tmpfs, require_ok, run_python
+from tests.helpers import cifar_pickles, env_for_tests, fashion_images, mounted_tmpfs, require_ok, run_python
 
 
 def write_idx(path, array, gz=True):
@@ -81,15 +81,7 @@ def test_cifar10_pickles(tmp_path, fashion_small):
     x, y, xt, yt = fashion_small
     rgb = np.repeat(np.pad(x, ((0, 0), (2, 2), (2, 2)))[:, None], 3, axis=1)
     src = tmp_path / "cifar-10-batches-py"
-    src.mkdir()
-    for j in range(5):
-        part = slice(j * 100, (j + 1) * 100)
-        with open(src / f"data_batch_{j + 1}", "wb") as f:
-            pickle.dump({b"data": rgb[part].reshape(100, -1), b"labels": y[part].tolist()}, f)
-    with open(src / "test_batch", "wb") as f:
-        pickle.dump({b"data": rgb[500:].reshape(100, -1), b"labels": y[500:].tolist()}, f)
-    with open(src / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [f"c{k}".encode() for k in range(10)]}, f)
+    cifar_pickles(src, rgb[:500], y[:500], rgb[500:], y[500:], [f"c{k}" for k in range(10)])
     require_ok(prep("cifar10", src, tmp_path / "out", "--grid", "2x2", "--overlap", "2"))
     m = check_layout(tmp_path / "out", (2, 2), 4, 600, channels=3)
     assert m["image_shape"] == [3, 32, 32] and m["classes"][3] == "c3"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -20,7 +19,8 @@ import numpy as np
 import pytest
 
 from data_prep.ranks import launched_tasks
-from tests.helpers import env_for_tests, fashion_images, mpiexec_path, require_ok, run_python, shard_digest
+from tests.helpers import (cifar_pickles, env_for_tests, fashion_images, mpiexec_path, require_ok, run_python,
+                           shard_digest)
 
 pytestmark = [pytest.mark.mpi]
 
@@ -95,15 +95,7 @@ def test_split_is_a_function_of_the_images(tmp_path, real_images):
     rgb = np.repeat(np.pad(x, ((0, 0), (2, 2), (2, 2)))[:, None], 3, axis=1)
     rgbt = np.repeat(np.pad(xt, ((0, 0), (2, 2), (2, 2)))[:, None], 3, axis=1)
     src = tmp_path / "cifar-10-batches-py"
-    src.mkdir()
-    for j in range(5):
-        part = slice(j * 240, (j + 1) * 240)
-        with open(src / f"data_batch_{j + 1}", "wb") as f:
-            pickle.dump({b"data": rgb[part].reshape(240, -1), b"labels": y[part].tolist()}, f)
-    with open(src / "test_batch", "wb") as f:
-        pickle.dump({b"data": rgbt.reshape(300, -1), b"labels": yt.tolist()}, f)
-    with open(src / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [f"class_{k}".encode() for k in range(10)]}, f)
+    cifar_pickles(src, rgb, y, rgbt, yt, [f"class_{k}" for k in range(10)])
     folder = tmp_path / "folder"
     for split, xs, ys in (("train", rgb, y), ("test", rgbt, yt)):
         for j, (img, k) in enumerate(zip(xs, ys)):
