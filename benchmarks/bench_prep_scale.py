@@ -57,39 +57,43 @@ def make_folder(folder: str, n: int, size: int, fmt: str) -> None:
         pool.map(_write, tasks)
 
 
-def tree_pss(pid: int) -> int:
-    """Proportional set size (resident bytes, pages shared between processes counted once in all)
-    of a process and all its descendants: what the conversion really holds in memory."""
-    total, todo = 0, [pid]
+def tree_memory(pid: int) -> tuple[int, int]:
+    """(PSS, RSS) in bytes of a process and all its descendants: the proportional set size counts a
+    page shared between processes once in all (what the conversion really holds); the resident set
+    size counts it in every process that maps it (what `ps`, `top` and most batch systems show)."""
+    pss, rss, todo = 0, 0, [pid]
     while todo:
         p = todo.pop()
         try:
             with open(f"/proc/{p}/smaps_rollup") as f:
-                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+                fields = dict(line.split()[:2] for line in f if line.split()[0] in ("Pss:", "Rss:"))
+            pss += int(fields["Pss:"]) * 1024
+            rss += int(fields["Rss:"]) * 1024
             for task in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{task}/children") as f:
                     todo += [int(c) for c in f.read().split()]
-        except (OSError, StopIteration):
+        except (OSError, KeyError, ValueError):
             continue
-    return total
+    return pss, rss
 
 
-def convert(src: str, out: str, workers: int, decoder: str) -> tuple[float, int, int]:
-    """(seconds, peak bytes of the process tree, bytes written)."""
+def convert(src: str, out: str, workers: int, decoder: str) -> tuple[float, int, int, int]:
+    """(seconds, peak PSS and peak RSS of the process tree, bytes written)."""
     cmd = [sys.executable, "-m", "data_prep", "imagefolder", src, out, "--grid", "4x4", "--overlap", "2",
            "--channels", "1", "--workers", str(workers), "--decoder", decoder, "--quiet"]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    peak = 0
+    peak = peak_rss = 0
     while proc.poll() is None:
-        peak = max(peak, tree_pss(proc.pid))
+        pss, rss = tree_memory(proc.pid)
+        peak, peak_rss = max(peak, pss), max(peak_rss, rss)
         time.sleep(0.1)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"data_prep failed: {proc.stderr.read()[-3000:]}")
     written = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
-    return seconds, peak, written
+    return seconds, peak, peak_rss, written
 
 
 def main() -> None:
@@ -115,18 +119,19 @@ def main() -> None:
                       flush=True)
             for w in ([int(v) for v in args.workers.split(",")] if n == args.n else [1]):
                 out = os.path.join(work, "out")
-                seconds, peak, written = convert(src, out, w, args.decoder)
+                seconds, peak, peak_rss, written = convert(src, out, w, args.decoder)
                 shutil.rmtree(out)
-                rows.append((n, w, seconds, peak, written))
+                rows.append((n, w, seconds, peak, peak_rss, written))
                 print(f"{n:>8} files  {w} worker(s): {seconds:7.1f} s  {n / seconds:7.0f} images/s  peak memory "
-                      f"{peak / 1e6:6.0f} MB  shards {written / 1e9:6.2f} GB", flush=True)
+                      f"{peak / 1e6:6.0f} MB PSS, {peak_rss / 1e6:6.0f} MB RSS  shards {written / 1e9:6.2f} GB", flush=True)
         print(f"\ncores here: {os.cpu_count()}; grid 4x4 overlap 2, grey {args.size}x{args.size}, content-ordered "
               f"split (every image decoded twice), decoder {args.decoder}")
-        print("| files | workers | seconds | speedup | peak memory (PSS, MB) | shards (GB) |\n| --- | --- | --- | --- | --- | --- |")
+        print("| files | workers | seconds | speedup | peak memory (PSS, MB) | peak memory (RSS, MB) | shards (GB) |\n"
+              "| --- | --- | --- | --- | --- | --- | --- |")
         base = rows[0][2]
-        for n, w, seconds, peak, written in rows:
+        for n, w, seconds, peak, peak_rss, written in rows:
             speedup = f"{base / seconds:.2f}x" if n == args.n else "-"
-            print(f"| {n} | {w} | {seconds:.1f} | {speedup} | {peak / 1e6:.0f} | {written / 1e9:.2f} |")
+            print(f"| {n} | {w} | {seconds:.1f} | {speedup} | {peak / 1e6:.0f} | {peak_rss / 1e6:.0f} | {written / 1e9:.2f} |")
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
