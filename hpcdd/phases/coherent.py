@@ -105,9 +105,10 @@ def train_coherent(ctx, strategy: str, t) -> None:
         epoch_aug.clear()
         epoch_aug[epoch] = augmentation(stream, epoch, first.ids, t, ctx.manifest.dims)
         batches = stream.batches(epoch, len(first), t.batch_size, first.plan)
-        for data in train.values():
-            if batches:
-                data.schedule(np.concatenate(batches))
+        if batches:
+            order = np.concatenate(batches)  # one array: a mirror another subdomain scheduled keeps its windows
+            for data in train.values():
+                data.schedule(order)
         return batches
 
     def step(epoch, step, rows):
