@@ -300,9 +300,9 @@ def run(argv=None, ranks: Ranks | None = None) -> dict:
 
 
 def _quiet_stops(unraisable) -> None:
-    """A SIGTERM stop that Python dropped (raised inside a weakref callback or a fork handler) is not
-    printed: the flag it left stops the preparation at the next check (``check_terminated``)."""
-    if isinstance(unraisable.exc_value, Terminated):
+    """A stop (SIGINT, SIGTERM) that Python dropped (raised inside a weakref callback or a fork handler)
+    is not printed: the flag it left stops the preparation at the next check (``check_terminated``)."""
+    if isinstance(unraisable.exc_value, (Terminated, KeyboardInterrupt)):
         return
     sys.__unraisablehook__(unraisable)
 
@@ -338,6 +338,7 @@ def main(argv=None) -> int:
         except UserError as e:
             fail(str(e))
     signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, terminate)
     sys.unraisablehook = _quiet_stops
     ranks = None
     try:
@@ -366,7 +367,12 @@ def main(argv=None) -> int:
 def stopped(ranks: Ranks | None, code: int, what: str) -> int:
     """A signal ended the preparation (its output is already removed): rank 0 says so once. Under a
     launcher every rank got the signal; a rank leaves at once, without MPI_Finalize, which would wait
-    for peers that may have stopped in the middle of a message."""
+    for peers that may have stopped in the middle of a message. A second signal (mpirun forwards Ctrl-C
+    that the rank also got from the terminal) must not interrupt the leaving."""
+    import signal
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
     if ranks is None or ranks.is_root:
         print(f"data_prep: {what}; nothing was written", file=sys.stderr, flush=True)
     if ranks is not None and ranks.size > 1:

@@ -290,19 +290,21 @@ class Terminated(BaseException):
 
 
 _SIGNALLED: list = []
+STOPS = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: Terminated}
 
 
 def terminate(signum, frame):
-    """SIGTERM's handler. Python may run it inside a weakref callback or ``__del__``, where the raised
-    exception is printed and dropped (seen once in CI: the conversion then finished and exited 0), so
-    it also leaves a flag that the next chunk boundary, and the final rename, raise again."""
+    """SIGINT's and SIGTERM's handler. Python may run it inside a weakref callback or ``__del__``, where
+    the raised exception is printed and dropped (seen in CI, both signals: the conversion then finished,
+    exit 0 or a traceback), so it also leaves a flag that the next chunk boundary, and the final rename,
+    raise again."""
     _SIGNALLED.append(signum)
-    raise Terminated()
+    raise STOPS.get(signum, Terminated)()
 
 
 def check_terminated() -> None:
     if _SIGNALLED:
-        raise Terminated()
+        raise STOPS.get(_SIGNALLED[0], Terminated)()
 
 
 @quiet_disk_full()

@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import pickle
+import signal
 import struct
 
 import h5py
@@ -455,21 +456,23 @@ def test_image_folder_conventions_match_torchvision(tmp_path):
     assert _class_folders(str(tmp_path)) == [c for c in find_classes(str(tmp_path))[0] if not c.startswith(".")]
 
 
-def test_a_sigterm_dropped_by_python_still_stops_before_anything_is_written(tmp_path, fashion_dir):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_dropped_by_python_still_stops_before_anything_is_written(tmp_path, fashion_dir, signum):
     """Python runs a signal handler between any bytecodes, also inside a weakref callback or __del__,
     where the exception it raises is printed and dropped (CI saw a SIGTERMed conversion finish and exit
-    0 that way). The handler's flag stops the conversion at the next chunk: no output, no hidden folder."""
+    0 that way, and a Ctrl-C print a traceback and finish). The handler's flag stops the conversion at
+    the next chunk with the signal's own exception: no output, no hidden folder."""
     from data_prep import writer
     from data_prep.cli import run
 
     class Dropped:
         def __del__(self):
-            writer.terminate(15, None)
+            writer.terminate(signum, None)
 
     out = tmp_path / "out"
     try:
         Dropped()  # the handler's exception is dropped here, as in the weakref callback
-        with pytest.raises(writer.Terminated):
+        with pytest.raises(writer.STOPS[signum]):
             run(["idx", fashion_dir, str(out), "--grid", "2x2", "--max-train", "500", "--max-test", "100", "--quiet"])
     finally:
         writer._SIGNALLED.clear()
