@@ -103,8 +103,7 @@ def kernel_bound(run_dir: str, ranks: int, steps: int = 12) -> dict:
     import torch
 
     from hpcdd.acceleration import configure
-    from hpcdd.checkpoint import read_json
-    from hpcdd.config import build_config
+    from hpcdd.config import config_of_run
     from hpcdd.engine import make_optimizer
     from hpcdd.factory import Models
     from hpcdd.manifest import load_manifest
@@ -112,9 +111,7 @@ def kernel_bound(run_dir: str, ranks: int, steps: int = 12) -> dict:
     from hpcdd.fused import shape_groups
     from hpcdd.training import train_step
 
-    saved = read_json(os.path.join(run_dir, "config.json"))
-    saved.pop("meta", None)
-    cfg = build_config(saved, {})
+    cfg = config_of_run(run_dir)
     m = load_manifest(cfg.data)
     torch.set_num_threads(1)
     configure(cfg.performance)

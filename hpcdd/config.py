@@ -247,6 +247,22 @@ def build_config(file_values: dict | None, overrides: dict[str, object], file_na
     return cfg
 
 
+def config_of_run(run_dir: str, overrides: dict | None = None, what: str | None = None) -> Config:
+    """The configuration a run was made with (RUN/config.json without its meta block), ``out`` set to
+    where the run is now: what --resume, the report and the benchmarks rebuild a run from."""
+    import os
+
+    from .checkpoint import read_json
+    from .layout import RunLayout
+
+    path = RunLayout(run_dir).config
+    if not os.path.isfile(path):
+        raise UserError(f"{what or run_dir}: no {path}; is it a directory hpcdd-run wrote?")
+    saved = read_json(path)
+    saved.pop("meta", None)
+    return build_config(saved, dict(overrides or {}, out=run_dir), path)
+
+
 def _train_checks(prefix: str, t: OptimConfig) -> list[tuple[bool, str]]:
     checks = [
         (t.epochs >= 1, f"{prefix}.epochs = {t.epochs}: expected a positive number of epochs"),

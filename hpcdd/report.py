@@ -395,7 +395,7 @@ class RecordedRun:
 def recorded_run(run_dir: str) -> RecordedRun:
     """The run in ``run_dir``, from config.json, ranks.json and the data's manifest; a UserError
     naming the file when one is missing or not a run's."""
-    from .config import build_config
+    from .config import config_of_run
     from .errors import UserError
     from .factory import Models
     from .layout import RunLayout
@@ -403,12 +403,9 @@ def recorded_run(run_dir: str) -> RecordedRun:
     from .ownership import ownership
 
     layout = RunLayout(run_dir)
-    for path in (layout.config, layout.ranks):
-        if not os.path.isfile(path):
-            raise UserError(f"{run_dir}: no {os.path.basename(path)}; is it a directory hpcdd-run wrote?")
-    saved = checkpoint.read_json(layout.config)
-    saved.pop("meta", None)
-    cfg = build_config(saved, {"out": run_dir}, layout.config)
+    cfg = config_of_run(run_dir)
+    if not os.path.isfile(layout.ranks):
+        raise UserError(f"{run_dir}: no {layout.ranks}; is it a directory hpcdd-run wrote?")
     if not os.path.isdir(cfg.data):
         raise UserError(f"{layout.config}: data = {cfg.data} does not exist; the report reads its manifest.json")
     manifest = load_manifest(cfg.data)

@@ -10,7 +10,7 @@ import os
 import sys
 
 from .cli_util import OneLineParser, count
-from .config import PHASES, Config, build_config, load_toml, parse_override, to_toml
+from .config import PHASES, Config, build_config, config_of_run, load_toml, parse_override, to_toml
 from .errors import EXIT_USER_ERROR, AgreedError, UserError
 
 
@@ -54,21 +54,13 @@ def resolve_config(args) -> Config:
         shorthands = {key: args.epochs for key in ("local.epochs", "global.epochs", "coherent.scratch.epochs",
                                                    "coherent.transfer.epochs")}
     if args.resume:
-        from .checkpoint import read_json
-
         if args.config or args.force or shorthands or set(overrides) - {"phases", "out", "threads",
                                                                          "preemption.requeue"}:
             raise UserError("--resume takes its configuration from RUN/config.json; give only --phases, --threads "
                             "or --requeue with it")
         if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
             raise UserError(f"--out {args.out} differs from --resume {args.resume}; give only --resume")
-        path = os.path.join(args.resume, "config.json")
-        if not os.path.isfile(path):
-            raise UserError(f"--resume {args.resume}: no {path}; is it a run directory?")
-        saved = read_json(path)
-        saved.pop("meta", None)
-        overrides["out"] = args.resume
-        return build_config(saved, overrides, path)
+        return config_of_run(args.resume, overrides, f"--resume {args.resume}")
     values = load_toml(args.config) if args.config else {}
     cfg = build_config(values, overrides, args.config or "config", shorthands)
     if args.print_config:
