@@ -196,22 +196,62 @@ def _load_worker(loop: Loop, saved: dict, state: TrainState) -> None:
         loop.load_worker_state(mine)
 
 
-def _held(loop: Loop, path: str, device) -> dict:
-    """(epoch, step) -> checkpoint, for each readable checkpoint at ``path`` (and its ``.prev``)."""
-    files = [p for p in (path, path + ".prev") if os.path.exists(p)]
-    alone = loop.agree is None and loop.members == 1
-    if alone:
-        files = files[:1] if path in files else []
-    held = {}
-    for f in files:
-        try:
-            saved = checkpoint.load(f, map_location=device)
-        except UserError:
-            if alone:
-                raise
-            continue  # a torn per-rank checkpoint is a point this rank does not hold
-        held.setdefault((int(saved["state"]["epoch"]), int(saved["state"]["step"])), saved)
-    return held
+class TrainingCheckpoint:
+    """The files of one training's checkpoint: PATH and, while the next one is written (per-rank and
+    per-member checkpoints), PATH.prev. Their format is the engine's; phases ask this object instead
+    of reading or deleting the files themselves."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.files = [path, path + ".prev"]
+
+    def readable(self, device=None, current_only: bool = False):
+        """(file, checkpoint) for each file that loads; ``current_only``: PATH alone, and a torn one
+        raises (a single checkpoint has no older point to fall back on)."""
+        for f in self.files[:1] if current_only else self.files:
+            if not os.path.exists(f):
+                continue
+            try:
+                yield f, checkpoint.load(f, map_location=device)
+            except UserError:
+                if current_only:
+                    raise
+
+    def held(self, device=None, current_only: bool = False) -> dict:
+        """(epoch, step) -> checkpoint for each readable file (the newer file wins a tie)."""
+        out = {}
+        for _, saved in self.readable(device, current_only):
+            out.setdefault(point_of(saved), saved)
+        return out
+
+    def points(self) -> set:
+        """The (epoch, step) points held; an unreadable file counts as a point of its own (its path),
+        never common to another checkpoint's; no file at all: the start, (0, 0)."""
+        present = [f for f in self.files if os.path.exists(f)]
+        if not present:
+            return {(0, 0)}
+        found = {}
+        for f, saved in self.readable():
+            try:
+                found[f] = point_of(saved)
+            except (KeyError, TypeError, ValueError):
+                pass  # not a training checkpoint: as unreadable
+        return {found.get(f, f) for f in present}
+
+    def weights(self):
+        """(file, weights) of each readable file."""
+        for f, saved in self.readable():
+            yield f, saved.get("weights") if isinstance(saved, dict) else None
+
+    def discard(self) -> None:
+        """Remove the checkpoint once its training is done (its result is saved elsewhere)."""
+        for f in self.files:
+            if os.path.exists(f):
+                os.unlink(f)
+
+
+def point_of(saved: dict) -> tuple:
+    return int(saved["state"]["epoch"]), int(saved["state"]["step"])
 
 
 def resume(loop: Loop, device):
@@ -220,7 +260,8 @@ def resume(loop: Loop, device):
     if not loop.checkpoint:
         return None
     paths = loop.checkpoint if loop.members > 1 else [loop.checkpoint]
-    helds = [_held(loop, p, device) for p in paths]
+    alone = loop.agree is None and loop.members == 1
+    helds = [TrainingCheckpoint(p).held(device, current_only=alone) for p in paths]
     if loop.agree is not None:
         point = loop.agree(sorted(helds[0]))  # collective: the newest point every rank holds, or None
     else:  # the newest point every member holds (a stop between two members' writes leaves the older one)

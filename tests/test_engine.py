@@ -119,6 +119,28 @@ def test_with_per_rank_checkpoints_a_torn_one_falls_back_to_the_point_every_rank
     assert [e["epoch"] for e in again.history] == [1, 2, 3]
 
 
+def test_a_training_checkpoint_tells_its_points_and_weights_and_is_discarded_whole(tmp_path):
+    """What phases ask of a checkpoint (fusing members that hold a common point, checking the layout a
+    resume would load, removing it when done) without reading its format: no file is the start
+    (0, 0); a torn file is a point of its own; ``discard`` removes PATH and PATH.prev."""
+    from hpcdd.engine import TrainingCheckpoint
+
+    path = str(tmp_path / "ckpt.pt")
+    ck = TrainingCheckpoint(path)
+    assert ck.points() == {(0, 0)} and list(ck.weights()) == []
+    loop, _ = tiny(path, agree=lambda points: max(points) if points else None)
+    run_loop(loop, "cpu")  # three epochs: ckpt.pt holds (3, 0), .prev (2, 0)
+    assert ck.points() == {(3, 0), (2, 0)}
+    assert [f for f, w in ck.weights()] == [path, path + ".prev"] and all("weight" in w["model"] for _, w in ck.weights())
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    assert ck.points() == {path, (2, 0)} and [f for f, _ in ck.weights()] == [path + ".prev"]
+    with pytest.raises(UserError, match="ckpt.pt"):
+        ck.held(current_only=True)
+    ck.discard()
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_checkpoint_interval_skips_epoch_checkpoints_and_the_resume_replays_exactly(tmp_path):
     """With ``checkpoint_interval`` longer than the training, the first and the last epochs write one;
     a crash in epoch 3 resumes from epoch 1 and replays epoch 2 to the uninterrupted bits."""

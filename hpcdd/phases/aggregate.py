@@ -18,6 +18,7 @@ from ..metrics import scores
 from ..coherent import dnn_view
 from ..collectives import bcast_array
 from ..data import TensorData
+from ..engine import TrainingCheckpoint
 from ..launcher import oversubscribed
 from ..manifest import SPLITS
 from ..models import count_parameters
@@ -164,8 +165,7 @@ def run(ctx) -> None:
         checkpoint.save({"model": dnn.state_dict(), "input": kind, "hidden": list(ctx.cfg.dnn.hidden),
                          "info": info}, layout.dnn)
         checkpoint.write_json(results, layout.result("aggregate"))
-        if os.path.exists(layout.dnn_checkpoint):
-            os.unlink(layout.dnn_checkpoint)
+        TrainingCheckpoint(layout.dnn_checkpoint).discard()
         r = results
         ctx.log(f"[aggregate] test accuracy: dnn {r['methods']['dnn']['test']:.4f}, average "
                 f"{r['methods']['average']['test']:.4f}, vote {r['methods']['vote']['test']:.4f}; local CNNs "

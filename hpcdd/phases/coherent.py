@@ -19,7 +19,7 @@ from ..aggregators import accuracy
 from ..augmentation import augmentation
 from ..metrics import scores
 from ..coherent import DistributedCoherent
-from ..engine import Loop, TrainState, make_optimizer, make_scheduler, run_loop, snapshot
+from ..engine import Loop, TrainingCheckpoint, TrainState, make_optimizer, make_scheduler, run_loop, snapshot
 from ..errors import UserError
 from ..ownership import slice_rows
 from ..rng import stream_of
@@ -68,11 +68,8 @@ def check_groups(path: str, model: DistributedCoherent) -> None:
     resume that fuses differently (``performance.fuse_local = "auto"`` on another kind of device)
     gets one line instead of torch's shape error."""
     groups = [list(g) for g in model.groups]
-    for f in (path, path + ".prev"):
-        try:
-            saved = checkpoint.load(f)["weights"].get("groups", groups) if os.path.exists(f) else groups
-        except (UserError, KeyError, AttributeError):
-            continue  # torn or foreign: the engine's resume reports or skips it
+    for f, weights in TrainingCheckpoint(path).weights():
+        saved = weights.get("groups", groups) if isinstance(weights, dict) else groups
         if saved != groups:
             raise UserError(f"{f}: written with this rank's local CNNs trained as {saved}, this run trains "
                             f"them as {groups} (performance.fuse_local decides by device); resume on the same "
@@ -165,9 +162,7 @@ def train_coherent(ctx, strategy: str, t) -> None:
                               layout.result("coherent", strategy))
         ctx.log(f"[coherent {strategy}] best val {state.best_val:.4f} (epoch {state.best_epoch}), test {test:.4f}")
     ctx.sync()
-    for path in (ckpt, ckpt + ".prev"):
-        if os.path.exists(path):
-            os.unlink(path)
+    TrainingCheckpoint(ckpt).discard()
 
 
 def run(ctx) -> None:

@@ -7,6 +7,7 @@ import os
 import time
 
 from .. import checkpoint
+from ..engine import TrainingCheckpoint
 from ..models import count_parameters
 from ..rng import stream_of
 from ..training import Fit, fit, test_scores
@@ -44,7 +45,7 @@ def run(ctx) -> None:
         ctx.log(f"[global] best val {state.best_val:.4f} (epoch {state.best_epoch}), test {test:.4f}; "
                 f"first step {first:.2f} s{ctx.first_step_note()}")
     ctx.sync()
-    if world.is_root and os.path.exists(layout.global_checkpoint):
-        os.unlink(layout.global_checkpoint)
+    if world.is_root:
+        TrainingCheckpoint(layout.global_checkpoint).discard()
     ctx.data.release(None)
     ctx.mark_done("global")

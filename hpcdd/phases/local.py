@@ -13,26 +13,10 @@ import time
 
 from .. import checkpoint
 from ..data import MemberData
-from ..errors import UserError
+from ..engine import TrainingCheckpoint
 from ..models import count_parameters
 from ..rng import stream_of
 from ..training import Fit, fit
-
-
-def _points(path: str) -> set:
-    """The (epoch, step) points a local checkpoint and its ``.prev`` (kept by fused trainings) hold;
-    without either, the start (0, 0), where a fused training writes its first checkpoints."""
-    if not os.path.exists(path) and not os.path.exists(path + ".prev"):
-        return {(0, 0)}
-    points = set()
-    for f in (path, path + ".prev"):
-        if os.path.exists(f):
-            try:
-                state = checkpoint.load(f)["state"]
-                points.add((int(state["epoch"]), int(state["step"])))
-            except (UserError, KeyError):
-                points.add(f)  # unreadable: never common, so trained alone, where resuming reports it
-    return points
 
 
 def training_groups(ctx, subdomains: list) -> list:
@@ -40,7 +24,7 @@ def training_groups(ctx, subdomains: list) -> list:
     member holds (the start, when none has a checkpoint; the engine resumes from the newest)."""
     groups = []
     for group in ctx.fused_groups(subdomains):
-        held = [_points(ctx.layout.local_checkpoint(i)) for i in group]
+        held = [TrainingCheckpoint(ctx.layout.local_checkpoint(i)).points() for i in group]
         if len(group) == 1 or set.intersection(*held):
             groups.append(group)
         else:
@@ -88,9 +72,7 @@ def train_group(ctx, group: list, left: int) -> list:
             summary["fused_with"] = group
         if own.replica == 0:
             checkpoint.save({"model": state.best["model"], "summary": summary, "subdomain": i}, layout.local_model(i))
-            for path in (layout.local_checkpoint(i), layout.local_checkpoint(i) + ".prev"):
-                if os.path.exists(path):
-                    os.unlink(path)
+            TrainingCheckpoint(layout.local_checkpoint(i)).discard()
         summaries.append(summary)
     return summaries
 
