@@ -64,7 +64,7 @@ def main() -> None:
 
         torch.set_num_threads(1)
         model = build_model(ModelConfig(), 1, split.x.shape[2:], 10, 0.25)
-        res = fit(model, Fit(name=f"local subdomain {i}", train=split, val=SplitData.load(ShardReader(m, i), "val"),
+        res, = fit(model, Fit(name=f"local subdomain {i}", train=split, val=SplitData.load(ShardReader(m, i), "val"),
                              t=TrainConfig(epochs=1), stream=stream_of(0, "local", i), device=torch.device("cpu")))
         consume = res.history[0]["images_per_s"] * nbytes / m.count("train") / 1e6
         print(f"local training (1 thread) consumes {res.history[0]['images_per_s']:.0f} subimages/s = {consume:.2f} MB/s; "

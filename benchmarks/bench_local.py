@@ -102,7 +102,7 @@ def main() -> None:
     hpcdd_rates, bare_rates = [], []
     fresh(False)(x[:2])  # warm-up of the kernels
     for r in range(args.repeats):
-        res = fit(fresh(True), Fit(name=f"local subdomain {i}", train=train, val=val, t=t, stream=stream_of(r, "local", i),
+        res, = fit(fresh(True), Fit(name=f"local subdomain {i}", train=train, val=val, t=t, stream=stream_of(r, "local", i),
                                device=device))
         hpcdd_rates.append(res.images / res.seconds)
         seconds = bare_epoch(fresh(False), x, y, t.batch_size, t.lr, t.weight_decay, r)

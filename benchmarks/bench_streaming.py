@@ -87,7 +87,7 @@ def checksum_cost(data: str, i: int, args, t, fresh) -> None:
             sample = int(torch.tensor(m.stored_shape(i)).prod()) * 4
             train = SplitData.load(ShardReader(m, i), "train", memory_limit=sample * args.window * 4, plan=plan)
             val = SplitData.load(ShardReader(m, i), "val")
-            res = fit(fresh(), Fit(name=f"local subdomain {i}", train=train, val=val, t=t,
+            res, = fit(fresh(), Fit(name=f"local subdomain {i}", train=train, val=val, t=t,
                                    stream=stream_of(r, "local", i), device=torch.device("cpu")))
             train.close()
             rates[name].append(res.images / res.seconds)
@@ -138,7 +138,7 @@ def main() -> None:
     rates = {"memory": [], "streamed": []}
     for r in range(args.repeats):
         for name, split in (("memory", in_memory), ("streamed", streamed)):
-            res = fit(fresh(), Fit(name=f"local subdomain {i}", train=split, val=val, t=t,
+            res, = fit(fresh(), Fit(name=f"local subdomain {i}", train=split, val=val, t=t,
                                    stream=stream_of(r, "local", i), device=torch.device("cpu")))
             rates[name].append(res.images / res.seconds)
         print(f"repeat {r}: in memory {rates['memory'][-1]:7.0f} img/s   streamed {rates['streamed'][-1]:7.0f} img/s")

@@ -111,20 +111,20 @@ class Loop:
     batches: Callable[[int], list]  # epoch -> minibatches (arrays of sample rows), the same on every worker
     step: Callable  # (epoch, step, rows) -> (summed loss of this worker's rows (tensor), correct (tensor), rows)
     evaluate: Callable[[], float]  # validation accuracy, the same on every worker
-    weights: Callable[[], dict]  # the current weights (nested state dicts)
-    load_weights: Callable[[dict], None]
+    weights: Callable[[], list]  # the current weights: one dict (nested state dicts) per member
+    load_weights: Callable[[list], None]
     optimizer: object
     scheduler: object
     set_train: Callable[[bool], None]
-    checkpoint: str | None = None
+    checkpoint: list | None = None  # one path per member
     checkpoint_interval: float = 0.0  # seconds between epoch-end checkpoints (0: every epoch; the first, the
     # last and a stop always write one; a resume from an older one replays the epochs since, bit for bit)
     writer: bool = True  # this worker writes the checkpoint
     reduce: Callable | None = None  # np.ndarray -> its sum over the data-parallel workers
     end_epoch: Callable[[], None] | None = None  # e.g. average BatchNorm buffers over replicas
     stop: Callable[[], bool] | None = None  # polled before every step (preemption)
-    on_epoch: Callable[[dict], None] | None = None
-    on_resume: Callable[[TrainState], None] | None = None
+    on_epoch: list | None = None  # one callback(event dict) per member
+    on_resume: list | None = None  # one callback(TrainState) per member
     on_step: Callable[[int, int, int, int], None] | None = None  # (epoch, step, steps, minibatch rows): progress
     agree: Callable[[list], tuple | None] | None = None  # per-rank checkpoints: (epoch, step) every rank holds
     event_extra: Callable[[], dict] | None = None  # more fields for each epoch's event (e.g. communication time)
@@ -132,23 +132,24 @@ class Loop:
     workers: object = None  # data-parallel Group whose workers each hold part of a mid-epoch state
     worker_state: Callable[[], dict] | None = None  # what one worker holds alone (e.g. its BatchNorm buffers)
     load_worker_state: Callable[[dict], None] | None = None
-    # > 1: the members of a fused model (hpcdd/fused.py) trained together. Then ``step`` returns per-member
-    # loss and correct counts, ``evaluate`` per-member accuracies, ``weights`` one dict per member; checkpoint,
-    # on_epoch and on_resume are lists (one per member) and ``optimizer_states``/``load_optimizer_states``
-    # convert the fused optimizer's state to and from the members', so each member's checkpoint is the one
-    # it would have written alone; ``train`` takes and returns one TrainState per member.
+    # The models trained together: one, or the members of a fused model (hpcdd/fused.py). Every per-member
+    # value is a list, also for one: ``step`` returns per-member loss and correct counts (a scalar counts as
+    # one member's), ``evaluate`` per-member accuracies; ``optimizer_states``/``load_optimizer_states``
+    # convert the optimizer's state to and from the members' (default: the optimizer's own, one member), so
+    # each member's checkpoint is the one it would have written alone; ``train`` takes and returns one
+    # TrainState per member.
     members: int = 1
     optimizer_states: Callable[[], list] | None = None
     load_optimizer_states: Callable[[list], None] | None = None
 
+    def __post_init__(self):
+        if self.optimizer_states is None:
+            self.optimizer_states = lambda: [self.optimizer.state_dict()]
+            self.load_optimizer_states = lambda states: self.optimizer.load_state_dict(states[0])
+
 
 def _data_parallel(loop: Loop) -> bool:
     return loop.workers is not None and loop.workers.size > 1
-
-
-def _member(value, m: int, loop: Loop):
-    """Member ``m``'s entry of a per-member field (the field itself when the loop has one member)."""
-    return value[m] if loop.members > 1 else value
 
 
 def _save(loop: Loop, states: list) -> None:
@@ -169,13 +170,13 @@ def _save(loop: Loop, states: list) -> None:
     if not loop.writer:
         return
     weights = loop.weights()
-    optimizers = loop.optimizer_states() if loop.members > 1 else [loop.optimizer.state_dict()]
+    optimizers = loop.optimizer_states()
     shared = {"scheduler": loop.scheduler.state_dict(), "rng": rng_state()}  # the same for every member
     for m, member in enumerate(states):
-        path = _member(loop.checkpoint, m, loop)
+        path = loop.checkpoint[m]
         if (loop.agree is not None or loop.members > 1) and os.path.exists(path):
             os.replace(path, path + ".prev")
-        saved = {"optimizer": optimizers[m], **shared, "weights": _member(weights, m, loop),
+        saved = {"optimizer": optimizers[m], **shared, "weights": weights[m],
                  "state": member.state_dict()}
         if workers is not None:
             saved["workers"] = workers
@@ -188,7 +189,7 @@ def _load_worker(loop: Loop, saved: dict, state: TrainState) -> None:
     if workers is None or not _data_parallel(loop):
         return
     if len(workers) != loop.workers.size:
-        raise UserError(f"{loop.checkpoint}: stopped mid-epoch with {len(workers)} data-parallel workers for "
+        raise UserError(f"{loop.checkpoint[0]}: stopped mid-epoch with {len(workers)} data-parallel workers for "
                         f"{loop.name}, now {loop.workers.size}; resume with the ranks the run had")
     mine = workers[loop.workers.rank]
     state.partial = mine["partial"]
@@ -256,12 +257,11 @@ def point_of(saved: dict) -> tuple:
 
 def resume(loop: Loop, device):
     """The training state of ``loop.checkpoint`` loaded into the loop's models and optimizer, if any
-    (one state per member of a fused loop, from the newest point every member's checkpoints hold)."""
+    (one state per member, from the newest point every member's checkpoints hold)."""
     if not loop.checkpoint:
         return None
-    paths = loop.checkpoint if loop.members > 1 else [loop.checkpoint]
     alone = loop.agree is None and loop.members == 1
-    helds = [TrainingCheckpoint(p).held(device, current_only=alone) for p in paths]
+    helds = [TrainingCheckpoint(p).held(device, current_only=alone) for p in loop.checkpoint]
     if loop.agree is not None:
         point = loop.agree(sorted(helds[0]))  # collective: the newest point every rank holds, or None
     else:  # the newest point every member holds (a stop between two members' writes leaves the older one)
@@ -270,12 +270,8 @@ def resume(loop: Loop, device):
     if point is None:
         return None
     saved = [h[point] for h in helds]
-    if loop.members > 1:
-        loop.load_optimizer_states([s["optimizer"] for s in saved])
-        loop.load_weights([s["weights"] for s in saved])
-    else:
-        loop.optimizer.load_state_dict(saved[0]["optimizer"])
-        loop.load_weights(saved[0]["weights"])
+    loop.load_optimizer_states([s["optimizer"] for s in saved])
+    loop.load_weights([s["weights"] for s in saved])
     loop.scheduler.load_state_dict(saved[0]["scheduler"])
     set_rng_state(saved[0]["rng"])
     states = []
@@ -284,22 +280,21 @@ def resume(loop: Loop, device):
         state.load_state_dict(one["state"])
         _load_worker(loop, one, state)
         if loop.on_resume is not None:
-            _member(loop.on_resume, m, loop)(state)
+            loop.on_resume[m](state)
         states.append(state)
-    return states if loop.members > 1 else states[0]
+    return states
 
 
-def train(loop: Loop, state, device):
-    """Run the remaining epochs of ``state`` (a list, one per member, for a fused loop); raise
-    ``Preempted`` after checkpointing on a stop."""
+def train(loop: Loop, states: list, device) -> list:
+    """Run the remaining epochs of ``states`` (one per member); raise ``Preempted`` after
+    checkpointing on a stop."""
     from .preemption import Preempted
 
-    states = state if loop.members > 1 else [state]
-    shape = (loop.members,) if loop.members > 1 else ()
+    shape = (loop.members,)
     if any(s.best is None for s in states):
         weights = loop.weights()
         for m, s in enumerate(states):
-            s.best = snapshot(_member(weights, m, loop)) if s.best is None else s.best
+            s.best = snapshot(weights[m]) if s.best is None else s.best
     start = states[0].epoch
     if loop.members > 1 and start == 0 and states[0].step == 0 and states[0].partial is None:
         # every member holds the starting point, so a kill between two members' first writes leaves a
@@ -376,22 +371,20 @@ def train(loop: Loop, state, device):
             s.epoch = epoch + 1
             if vals[m] > s.best_val:
                 weights = loop.weights() if weights is None else weights
-                s.best_val, s.best_epoch, s.best = float(vals[m]), epoch + 1, snapshot(_member(weights, m, loop))
+                s.best_val, s.best_epoch, s.best = float(vals[m]), epoch + 1, snapshot(weights[m])
         if epoch + 1 == loop.epochs or time.perf_counter() - last_save >= loop.checkpoint_interval:
             _save(loop, states)
             last_save = time.perf_counter()
         if loop.on_epoch is not None:
             for m, s in enumerate(states):
-                _member(loop.on_epoch, m, loop)(s.history[-1])
-    return state
+                loop.on_epoch[m](s.history[-1])
+    return states
 
 
-def run_loop(loop: Loop, device, start: Callable[[], TrainState] | None = None):
-    """Resume from the loop's checkpoint, or begin at ``start()`` (default: a fresh state; one per
-    member of a fused loop)."""
-    state = resume(loop, device)
-    if state is None and loop.members > 1:
-        state = [TrainState() for _ in range(loop.members)]
-    elif state is None:
-        state = start() if start is not None else TrainState()
-    return train(loop, state, device)
+def run_loop(loop: Loop, device, start: Callable[[], list] | None = None) -> list:
+    """Resume from the loop's checkpoints, or begin at ``start()`` (default: a fresh state per
+    member); the trained states, one per member."""
+    states = resume(loop, device)
+    if states is None:
+        states = start() if start is not None else [TrainState() for _ in range(loop.members)]
+    return train(loop, states, device)

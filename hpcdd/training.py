@@ -128,21 +128,21 @@ class Fit:
     device: object
     eval_batch: int = 512
     group: Group = Group()  # data-parallel workers (size 1: no communication)
-    checkpoint: str | list | None = None  # one per member of a fused model
+    checkpoint: list | None = None  # one path per member (one for a single model)
     checkpoint_interval: float = 0.0  # seconds between epoch checkpoints (0: every epoch; engine.Loop)
     writer: bool = True  # this worker writes the checkpoint
-    on_epoch: object = None  # callback(event dict); one per member of a fused model
-    on_resume: object = None  # callback(TrainState); one per member of a fused model
+    on_epoch: list | None = None  # one callback(event dict) per member
+    on_resume: list | None = None  # one callback(TrainState) per member
     on_step: object = None  # callback(epoch, step, steps, rows): progress
     stop: object = None  # callable -> bool, polled at every step boundary (preemption)
 
 
 def fit(model, spec: Fit):
-    """Train, validate every epoch, keep the best weights (``state.best["model"]``); resumable.
+    """Train, validate every epoch, keep the best weights (``state.best["model"]``); resumable. One
+    TrainState per member comes back (one for a single model).
 
     ``model`` may be a ``fused.Fused`` (several local CNNs as one, ``spec.train``/``spec.val`` a
-    ``MemberData``): then every member is validated, selected and checkpointed on its own and one
-    TrainState per member comes back."""
+    ``MemberData``): then every member is validated, selected and checkpointed on its own."""
     t, device, group = spec.t, spec.device, spec.group
     members = getattr(model, "members", 1)
     params = list(model.parameters())
@@ -172,9 +172,9 @@ def fit(model, spec: Fit):
     loop = Loop(
         name=spec.name, epochs=t.epochs, batches=batches, step=step,
         evaluate=lambda: accuracy_of(model, spec.val, device, spec.eval_batch, group),
-        weights=lambda: [{"model": w} for w in model.member_state_dicts()] if members > 1 else {"model": model.state_dict()},
+        weights=lambda: [{"model": w} for w in model.member_state_dicts()] if members > 1 else [{"model": model.state_dict()}],
         load_weights=(lambda w: model.load_member_state_dicts([m["model"] for m in w])) if members > 1
-        else lambda w: model.load_state_dict(w["model"]),
+        else lambda w: model.load_state_dict(w[0]["model"]),
         optimizer=opt, scheduler=make_scheduler(opt, t), set_train=model.train, checkpoint=spec.checkpoint,
         checkpoint_interval=spec.checkpoint_interval,
         writer=spec.writer, reduce=group.sum if group.size > 1 else None,

@@ -225,7 +225,7 @@ def test_training_on_streamed_shards_equals_in_memory(data):
         assert train.in_memory == (limit > 1)
         torch.manual_seed(0)
         model = build_model(ModelConfig(widths=[8, 16]), 1, (15, 15), 10, 1.0)
-        res = fit(model, Fit(name="local subdomain 1", train=train, val=val,
+        res, = fit(model, Fit(name="local subdomain 1", train=train, val=val,
                              t=TrainConfig(epochs=1, batch_size=32, augment_shift=2), stream=stream_of(0, "local", 1),
                              device=torch.device("cpu")))
         states.append(res.best["model"])
@@ -289,7 +289,7 @@ def test_each_epoch_logs_the_learning_rate_it_trained_at(data):
     m = load_manifest(str(data))
     torch.manual_seed(0)
     model = build_model(ModelConfig(widths=[4, 8]), 1, (15, 15), 10, 1.0)
-    res = fit(model, Fit(name="local subdomain 1", train=SplitData.load(ShardReader(m, 1), "train"),
+    res, = fit(model, Fit(name="local subdomain 1", train=SplitData.load(ShardReader(m, 1), "train"),
                          val=SplitData.load(ShardReader(m, 1), "val"), t=TrainConfig(epochs=3, batch_size=64, lr=0.01),
                          stream=stream_of(0, "local", 1), device=torch.device("cpu")))
     assert [e["lr"] for e in res.history] == pytest.approx([0.01 * (1 + math.cos(math.pi * e / 3)) / 2 for e in range(3)])

@@ -45,9 +45,10 @@ def tiny(path=None, stop=None, agree=None, epochs=3):
             return float((model(xv).argmax(1) == yv).float().mean())
 
     loop = Loop(name="tiny", epochs=epochs, batches=lambda epoch: stream.batches(epoch, N, t.batch_size), step=step,
-                evaluate=evaluate, weights=lambda: {"model": model.state_dict()},
-                load_weights=lambda w: model.load_state_dict(w["model"]), optimizer=opt,
-                scheduler=make_scheduler(opt, t), set_train=model.train, checkpoint=path, stop=stop, agree=agree)
+                evaluate=evaluate, weights=lambda: [{"model": model.state_dict()}],
+                load_weights=lambda w: model.load_state_dict(w[0]["model"]), optimizer=opt,
+                scheduler=make_scheduler(opt, t), set_train=model.train, checkpoint=[path] if path else None, stop=stop,
+                agree=agree)
     return loop, model
 
 
@@ -67,7 +68,7 @@ def same(a: dict, b: dict) -> bool:
 
 def test_a_stop_mid_epoch_resumes_to_the_uninterrupted_bits(tmp_path):
     loop, model = tiny()
-    whole = run_loop(loop, "cpu")
+    whole, = run_loop(loop, "cpu")
     assert whole.best_val > 0.7 and len(whole.history) == 3  # it learns the rule
     path = str(tmp_path / "ckpt.pt")
     for polls in (9, 5):  # 6 steps an epoch: stopped in epoch 2, then again in epoch 3 of the resumed run
@@ -75,7 +76,7 @@ def test_a_stop_mid_epoch_resumes_to_the_uninterrupted_bits(tmp_path):
         with pytest.raises(Preempted):
             run_loop(loop, "cpu")
     loop, resumed_model = tiny(path)
-    resumed = run_loop(loop, "cpu")
+    resumed, = run_loop(loop, "cpu")
     assert same(resumed_model.state_dict(), model.state_dict())
     assert same(resumed.best["model"], whole.best["model"]) and resumed.best_epoch == whole.best_epoch
     strip = [{k: v for k, v in e.items() if "seconds" not in k and "images_per_s" not in k} for e in whole.history]
@@ -113,8 +114,8 @@ def test_with_per_rank_checkpoints_a_torn_one_falls_back_to_the_point_every_rank
         f.truncate(os.path.getsize(path) // 2)
     epochs_seen = []
     loop, _ = tiny(path, agree=agree)
-    loop.on_resume = lambda state: epochs_seen.append((state.epoch, state.step))
-    again = run_loop(loop, "cpu")
+    loop.on_resume = [lambda state: epochs_seen.append((state.epoch, state.step))]
+    again, = run_loop(loop, "cpu")
     assert asked[-1] == [(2, 0)] and epochs_seen == [(2, 0)]  # the torn (3, 0) is not a point this rank holds
     assert [e["epoch"] for e in again.history] == [1, 2, 3]
 
@@ -145,7 +146,7 @@ def test_a_checkpoint_interval_skips_epoch_checkpoints_and_the_resume_replays_ex
     """With ``checkpoint_interval`` longer than the training, the first and the last epochs write one;
     a crash in epoch 3 resumes from epoch 1 and replays epoch 2 to the uninterrupted bits."""
     loop, model = tiny()
-    whole = run_loop(loop, "cpu")
+    whole, = run_loop(loop, "cpu")
     path = str(tmp_path / "ckpt.pt")
     loop, _ = tiny(path)
     loop.checkpoint_interval = 3600.0
@@ -163,8 +164,8 @@ def test_a_checkpoint_interval_skips_epoch_checkpoints_and_the_resume_replays_ex
     loop, resumed_model = tiny(path)
     loop.checkpoint_interval = 3600.0
     points = []
-    loop.on_resume = lambda state: points.append(state.epoch)
-    resumed = run_loop(loop, "cpu")
+    loop.on_resume = [lambda state: points.append(state.epoch)]
+    resumed, = run_loop(loop, "cpu")
     assert points == [1] and same(resumed_model.state_dict(), model.state_dict())
     assert same(resumed.best["model"], whole.best["model"])
     assert torch.load(path, weights_only=True)["state"]["epoch"] == 3  # the last epoch always writes

@@ -101,9 +101,9 @@ def test_fused_training_matches_training_one_after_another(grid_data, tmp_path, 
 
     alone = {}
     for i in subs:
-        alone[i] = fit(model(i), Fit(name=f"local {i}", train=split(i, "train"), val=split(i, "val"), t=t,
-                                     stream=stream_of(0, "local", i), device="cpu",
-                                     checkpoint=str(tmp_path / f"alone_{i}.ckpt.pt")))
+        alone[i], = fit(model(i), Fit(name=f"local {i}", train=split(i, "train"), val=split(i, "val"), t=t,
+                                      stream=stream_of(0, "local", i), device="cpu",
+                                      checkpoint=[str(tmp_path / f"alone_{i}.ckpt.pt")]))
     streams = [stream_of(0, "local", i) for i in subs]
     fused = in_float64(Fused([model(i) for i in subs], streams))
     events = {i: [] for i in subs}
@@ -157,8 +157,7 @@ def test_fused_training_stopped_mid_epoch_resumes_fused_or_alone(grid_data, tmp_
         hooks = [lambda state: resumed_at.append((state.epoch, state.step))] * len(members)
         return fit(model, Fit(name=name, train=data("train"), val=data("val"), t=t,
                               stream=streams[subs.index(members[0])], device="cpu", stop=stop,
-                              checkpoint=paths[0] if len(members) == 1 else paths,
-                              on_resume=hooks[0] if len(members) == 1 else hooks))
+                              checkpoint=paths, on_resume=hooks))
 
     resumed_at = []
     (tmp_path / "whole").mkdir()
@@ -177,7 +176,7 @@ def test_fused_training_stopped_mid_epoch_resumes_fused_or_alone(grid_data, tmp_
         if resumed in ("fused", "torn"):
             states = train(resumed)
         else:
-            states = [train(resumed, members=[i]) for i in subs]
+            states = [train(resumed, members=[i])[0] for i in subs]
         assert resumed_at == [(1, 0) if resumed == "torn" else (1, 4)] * 2, resumed
         for got, want in zip(states, whole):
             assert got.best_epoch == want.best_epoch and got.images == want.images
@@ -199,7 +198,7 @@ def test_bf16_autocast_trains_in_bfloat16_and_learns(grid_data):
     model.features[0].register_forward_hook(lambda _, __, out: seen.append(out.dtype))
     try:
         configure(PerformanceConfig(autocast="bf16"))
-        state = fit(model, Fit(name="local 5", train=SplitData.load(ShardReader(m, 5), "train"),
+        state, = fit(model, Fit(name="local 5", train=SplitData.load(ShardReader(m, 5), "train"),
                                val=SplitData.load(ShardReader(m, 5), "val"), t=TrainConfig(epochs=4, batch_size=32),
                                stream=stream_of(0, "local", 5), device="cpu"))
     finally:

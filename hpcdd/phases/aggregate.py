@@ -71,11 +71,12 @@ def train_dnn(ctx, feats: dict, labels: dict):
             ctx.log(f"[aggregate] DNN epoch {e['epoch']}/{e['epochs']}: loss {e['loss']:.4f} train {e['train_acc']:.4f} "
                     f"val {e['val_acc']:.4f}")
 
-    state = fit(model, Fit(
+    state, = fit(model, Fit(
         name="DNN", train=TensorData(feats["train"].to(ctx.device), labels["train"]),
         val=TensorData(feats["val"].to(ctx.device), labels["val"]), t=ctx.cfg.dnn,
         stream=stream_of(ctx.cfg.seed, "dnn"), device=ctx.device, eval_batch=ctx.cfg.eval_batch_size,
-        checkpoint=ctx.layout.dnn_checkpoint, checkpoint_interval=DNN_CHECKPOINT_SECONDS, on_epoch=on_epoch, on_resume=ctx.resume_logger("aggregate", model="dnn"),
+        checkpoint=[ctx.layout.dnn_checkpoint], checkpoint_interval=DNN_CHECKPOINT_SECONDS, on_epoch=[on_epoch],
+        on_resume=[ctx.resume_logger("aggregate", model="dnn")],
         stop=ctx.stop_alone(), on_step=ctx.training("DNN", ctx.cfg.dnn.epochs, {})))
     ctx.progress.end_training()
     return state.best["model"], {"best_val": state.best_val, "best_epoch": state.best_epoch,

@@ -120,7 +120,7 @@ def train_coherent(ctx, strategy: str, t) -> None:
     def start():
         # the starting point is a candidate too: transfer never ends below where it began
         initial = coherent_accuracy(ctx, model, "val")
-        return TrainState(best=snapshot(weights_of(model)), best_val=initial, extra={"initial_val": initial})
+        return [TrainState(best=snapshot(weights_of(model)), best_val=initial, extra={"initial_val": initial})]
 
     def on_epoch(event):
         ctx.event(phase="coherent", strategy=strategy, **event)
@@ -131,19 +131,19 @@ def train_coherent(ctx, strategy: str, t) -> None:
     ckpt = layout.coherent_checkpoint(strategy, world.rank)
     loop = Loop(
         name=f"coherent {strategy}", epochs=t.epochs, batches=batches, step=step,
-        evaluate=lambda: coherent_accuracy(ctx, model, "val"), weights=lambda: weights_of(model),
-        load_weights=lambda w: load_weights(model, w), optimizer=opt, scheduler=make_scheduler(opt, t),
-        set_train=model.train, checkpoint=ckpt,
+        evaluate=lambda: coherent_accuracy(ctx, model, "val"), weights=lambda: [weights_of(model)],
+        load_weights=lambda w: load_weights(model, w[0]), optimizer=opt, scheduler=make_scheduler(opt, t),
+        set_train=model.train, checkpoint=[ckpt],
         end_epoch=(lambda: world.replicas.mean_([b for m in model.local_modules() for b in buffers_of(m)]))
         if own.replicas > 1 else None,
-        stop=ctx.stop_collective(), on_epoch=on_epoch, on_resume=ctx.resume_logger("coherent", strategy=strategy),
+        stop=ctx.stop_collective(), on_epoch=[on_epoch], on_resume=[ctx.resume_logger("coherent", strategy=strategy)],
         event_extra=lambda: {"comm_seconds": model.comm_time,
                              "comm_bytes_per_step": model.comm_bytes / max(model.comm_steps, 1)}, check_every=1 if str(device) == "cpu" else 25,
         agree=lambda points: common_point(world, points),
         on_step=ctx.training(f"coherent {strategy}", t.epochs, {i: ctx.models.plain_local(i) for i in own.subdomains}
                              if world.is_root else {}, share=1 / own.replicas))
     world.checked(lambda: check_groups(ckpt, model))
-    state = run_loop(loop, device, start)
+    state, = run_loop(loop, device, start)
     ctx.progress.end_training()
     load_weights(model, state.best)
     test, test_scores = coherent_accuracy(ctx, model, "test", more=True)

@@ -19,11 +19,11 @@ def run(ctx) -> None:
     t0 = time.perf_counter()
     model = ctx.models.global_()
     everyone = world.everyone
-    state = fit(model, Fit(
+    state, = fit(model, Fit(
         name="global CNN", train=ctx.data(None, "train", mirrored=ctx.cfg.global_.augment_flip), val=ctx.data(None, "val"), t=ctx.cfg.global_,
         stream=stream_of(ctx.cfg.seed, "global"), device=ctx.device, eval_batch=ctx.cfg.eval_batch_size,
-        group=everyone, checkpoint=layout.global_checkpoint, writer=world.is_root,
-        on_epoch=ctx.epoch_logger("global", "global CNN"), on_resume=ctx.resume_logger("global"),
+        group=everyone, checkpoint=[layout.global_checkpoint], writer=world.is_root,
+        on_epoch=[ctx.epoch_logger("global", "global CNN")], on_resume=[ctx.resume_logger("global")],
         stop=ctx.stop_collective(),
         on_step=ctx.training("global CNN", ctx.cfg.global_.epochs, {None: model}, share=1 / world.size)))
     ctx.progress.end_training()

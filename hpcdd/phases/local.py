@@ -42,8 +42,7 @@ def train_group(ctx, group: list, left: int) -> list:
     label = f"subdomain {group[0]}" if alone else "subdomains " + ", ".join(map(str, group))
 
     def each(make):
-        hooks = [make(i) for i in group]
-        return hooks[0] if alone else hooks
+        return [make(i) for i in group]
 
     def data(split):
         flip = split == "train" and cfg.local.augment_flip
@@ -60,7 +59,6 @@ def train_group(ctx, group: list, left: int) -> list:
         stop=ctx.stop_independent(),
         on_step=ctx.training(label, cfg.local.epochs, flops_of, left=left, share=1 / own.replicas)))
     ctx.progress.end_training()
-    states = [states] if alone else states
     summaries = []
     for i, state in zip(group, states):
         summary = {"subdomain": i, "best_val": state.best_val, "best_epoch": state.best_epoch,
