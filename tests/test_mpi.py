@@ -398,4 +398,5 @@ def test_hpcdd_report_rebuilds_the_report_from_the_run_directory_alone(runs, tmp
 
     assert same(model["local"], phase_model["local"]) and same(model["dnn"], phase_model["dnn"])
     bad = run_python(["-m", "hpcdd.report", str(tmp_path / "no_mpi")], env=env, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "no config.json" in bad.stderr, bad.stderr
+    missing = f"no {tmp_path / 'no_mpi' / 'config.json'}; is it a directory hpcdd-run wrote?"
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and missing in bad.stderr, bad.stderr
