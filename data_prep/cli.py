@@ -309,7 +309,7 @@ def _quiet_stops(unraisable) -> None:
 
 def reseal(argv) -> int:
     """``hpcdd-prep reseal DATA``: seal a manifest.json that a user edited on purpose, after checking it."""
-    from hpcdd.checkpoint import read_json, write_json
+    from hpcdd.atomic import read_json, write_json
     from hpcdd.manifest import MANIFEST_NAME, SEAL, Manifest, seal
 
     p = OneLineParser(prog="hpcdd-prep reseal", description=(

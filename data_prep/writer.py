@@ -26,7 +26,7 @@ import h5py
 import numpy as np
 
 from hpcdd import __version__
-from hpcdd.checkpoint import current_umask
+from hpcdd.atomic import current_umask
 from hpcdd.data import ids_digest
 from hpcdd.manifest import FORMAT_VERSION, FULL_NAME, MANIFEST_NAME, seal, shard_name
 from hpcdd.decomposition import Decomposition

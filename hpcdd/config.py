@@ -252,7 +252,7 @@ def config_of_run(run_dir: str, overrides: dict | None = None, what: str | None 
     where the run is now: what --resume, the report and the benchmarks rebuild a run from."""
     import os
 
-    from .checkpoint import read_json
+    from .atomic import read_json
     from .layout import RunLayout
 
     path = RunLayout(run_dir).config

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import checkpoint
+from . import atomic
 from .errors import UserError
 from .watchdog import slow_step
 
@@ -180,7 +180,7 @@ def _save(loop: Loop, states: list) -> None:
                  "state": member.state_dict()}
         if workers is not None:
             saved["workers"] = workers
-        checkpoint.save(saved, path)
+        atomic.save(saved, path)
 
 
 def _load_worker(loop: Loop, saved: dict, state: TrainState) -> None:
@@ -213,7 +213,7 @@ class TrainingCheckpoint:
             if not os.path.exists(f):
                 continue
             try:
-                yield f, checkpoint.load(f, map_location=device)
+                yield f, atomic.load(f, map_location=device)
             except UserError:
                 if current_only:
                     raise

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from . import __version__, checkpoint
+from . import __version__, atomic
 from .errors import UserError
 
 MODEL_FORMAT = "hpcdd-cnn-dnn"
@@ -40,8 +40,8 @@ def write(ctx, rows: list) -> dict | None:
                   "dropout": cfg.model.dropout, "width_scale": ctx.models.width_scale},
         "dnn": {"hidden": list(cfg.dnn.hidden), "dropout": cfg.dnn.dropout, "input": cfg.dnn.input},
     }
-    local = {f"sub_{i:03d}": checkpoint.load(local_path(i))["model"] for i in range(m.n)}
-    checkpoint.save({"meta": meta, "local": local, "dnn": checkpoint.load(dnn_path)["model"]}, ctx.layout.model)
+    local = {f"sub_{i:03d}": atomic.load(local_path(i))["model"] for i in range(m.n)}
+    atomic.save({"meta": meta, "local": local, "dnn": atomic.load(dnn_path)["model"]}, ctx.layout.model)
     return row
 
 
@@ -57,7 +57,7 @@ def read(path: str):
         path = os.path.join(path, "model.pt")
     if not os.path.exists(path):
         raise UserError(f"{path}: missing; the report phase writes it at the end of a run")
-    saved = checkpoint.load(path)
+    saved = atomic.load(path)
     meta = saved.get("meta", {}) if isinstance(saved, dict) else {}
     if meta.get("format") != MODEL_FORMAT or meta.get("version") != MODEL_VERSION:
         raise UserError(f"{path}: not an hpcdd CNN-DNN model (format {meta.get('format')!r})")

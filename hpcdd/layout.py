@@ -48,7 +48,7 @@ class RunLayout:
     def foreign(self) -> list[str]:
         """What RUN holds that hpcdd-run did not write (``--force`` replaces only a run's own entries)."""
         def ours(name: str) -> bool:
-            temporary = re.fullmatch(r"\.(.+)\.\w+\.tmp", name)  # an atomic write cut short (checkpoint.py)
+            temporary = re.fullmatch(r"\.(.+)\.\w+\.tmp", name)  # an atomic write cut short (atomic.py)
             return name in RUN_ENTRIES or bool(temporary and temporary.group(1) in RUN_ENTRIES)
         return sorted(n for n in os.listdir(self.root) if not ours(n))
 

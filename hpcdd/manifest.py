@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from .checkpoint import read_json
+from .atomic import read_json
 from .decomposition import Decomposition
 from .errors import UserError
 

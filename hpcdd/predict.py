@@ -13,7 +13,7 @@ import sys
 import numpy as np
 
 from .cli_util import OneLineParser, count, writable_file
-from .checkpoint import write_text
+from .atomic import write_text
 from .errors import UserError, fail
 
 

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from . import checkpoint, extras
+from . import atomic, extras
 from .errors import UserError
 from .watchdog import alive
 
@@ -156,7 +156,7 @@ class Progress:
         """Best effort: a progress line is not worth ending a run over (a full disk shows at the next checkpoint)."""
         self.last_write = time.perf_counter()
         try:
-            checkpoint.write_json(self.current, os.path.join(self.layout.progress, f"rank_{self.world.rank:04d}.json"))
+            atomic.write_json(self.current, os.path.join(self.layout.progress, f"rank_{self.world.rank:04d}.json"))
         except (OSError, UserError):
             pass
 

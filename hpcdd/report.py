@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import __version__, checkpoint, export, extras
+from . import __version__, atomic, export, extras
 from .data import ShardReader
 
 
 def _maybe(path: str):
-    return checkpoint.read_json(path) if os.path.exists(path) else None
+    return atomic.read_json(path) if os.path.exists(path) else None
 
 
 def collect(ctx) -> dict:
@@ -277,7 +277,7 @@ def plots(ctx, results: dict) -> list[str]:
     for s in (local or {}).get("subdomains", []):
         ck = ctx.layout.local_model(s["subdomain"])
         if os.path.exists(ck):
-            curves.append((f"local {s['subdomain']}", checkpoint.load(ck)["summary"]["history"], "local"))
+            curves.append((f"local {s['subdomain']}", atomic.load(ck)["summary"]["history"], "local"))
     for strategy in ctx.cfg.coherent.strategies:
         res = _maybe(ctx.layout.result("coherent", strategy))
         if res:
@@ -360,9 +360,9 @@ def write_report(ctx) -> dict:
                                                                "val": exported["val"]}
     results["plots"] = [os.path.relpath(p, ctx.layout.root) for p in plots(ctx, results)]
     results["skipped_extras"] = extras.skipped()  # after plots: matplotlib is imported there
-    checkpoint.write_json(results, ctx.layout.results_json)
+    atomic.write_json(results, ctx.layout.results_json)
     text = markdown(results)
-    checkpoint.write_text(text, ctx.layout.results_md)
+    atomic.write_text(text, ctx.layout.results_md)
     ctx.log(text)
     return results
 
@@ -409,7 +409,7 @@ def recorded_run(run_dir: str) -> RecordedRun:
     if not os.path.isdir(cfg.data):
         raise UserError(f"{layout.config}: data = {cfg.data} does not exist; the report reads its manifest.json")
     manifest = load_manifest(cfg.data)
-    ranks = checkpoint.read_json(layout.ranks)["ranks"]
+    ranks = atomic.read_json(layout.ranks)["ranks"]
     world = RecordedWorld(len(ranks), int(ranks[0]["threads"]), ranks[0]["device"],
                           ownership(len(ranks), manifest.n, 0))
     models = Models(cfg.model, cfg.dnn, manifest, cfg.seed)

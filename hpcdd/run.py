@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     except SystemExit:
         raise
     except OSError as e:
-        from .checkpoint import disk_full
+        from .atomic import disk_full
         from .failures import report_failure, user_error_exit
 
         full = disk_full(e.filename or (cfg.out if cfg is not None else "RUN"), e)

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 
-from . import __version__, checkpoint
+from . import __version__, atomic
 from .config import Config
 from .data import ShardReader
 from .events import decomposition_picture
@@ -182,7 +182,7 @@ def check_disk(cfg: Config, manifest: Manifest) -> None:
 
 def check_resume(cfg: Config, manifest: Manifest, ranks: int) -> None:
     layout = RunLayout(cfg.out)
-    meta = checkpoint.read_json(layout.config).get("meta", {})
+    meta = atomic.read_json(layout.config).get("meta", {})
     if meta.get("prep_id") and meta["prep_id"] != manifest.prep_id:
         raise UserError(f"--resume {cfg.out}: the run was trained on data with prep id {meta['prep_id']} but "
                         f"{cfg.data} now has {manifest.prep_id}; the shards were prepared again")
@@ -265,8 +265,8 @@ def prepare(cfg: Config, world: World, resume: bool = False, force: bool = False
             meta = {"tool": f"hpcdd {__version__}", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "ranks": world.size, "threads_per_rank": world.threads, "device": str(world.device),
                     "host": platform.node(), "prep_id": manifest.prep_id, "software": world.software}
-            checkpoint.write_json(dict(cfg.to_dict(), meta=meta), layout.config)
-            checkpoint.write_json(state.values, layout.state)
+            atomic.write_json(dict(cfg.to_dict(), meta=meta), layout.config)
+            atomic.write_json(state.values, layout.state)
         elif os.path.exists(layout.failed):  # the failure of the run being resumed
             os.replace(layout.failed, layout.failed_previous)
         with open(layout.reserve, "wb") as f:
@@ -280,7 +280,7 @@ def prepare(cfg: Config, world: World, resume: bool = False, force: bool = False
                                  "local_rank": world.info.local_rank, "threads": world.threads,
                                  "device": str(world.device)})
     if world.is_root:  # maps the PID or host an MPI launcher names when a rank dies to its rank
-        checkpoint.write_json({"ranks": procs, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, layout.ranks)
+        atomic.write_json({"ranks": procs, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, layout.ranks)
     world.barrier()
     from .preemption import StopFlag, parse_signals
 

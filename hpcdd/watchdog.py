@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 
-from . import checkpoint
+from . import atomic
 from .errors import UserError
 
 _last_progress = [time.time()]
@@ -103,7 +103,7 @@ class Watchdog:
 
     def _write(self, now: float) -> None:
         try:
-            checkpoint.write_json({"rank": self.world.rank, "beat": now, "progress": progress_time(now),
+            atomic.write_json({"rank": self.world.rank, "beat": now, "progress": progress_time(now),
                                    "phase": self.where}, self.path(self.world.rank))
         except (OSError, UserError):
             pass  # a full or stuck file system must not kill the thread that reports it

@@ -213,12 +213,12 @@ def test_coherent_resume_refuses_other_groups(tmp_path):
     their layout) stops the resume with one line naming the file; the same groups pass."""
     from types import SimpleNamespace
 
-    from hpcdd import checkpoint
+    from hpcdd import atomic
     from hpcdd.errors import UserError
     from hpcdd.phases.coherent import check_groups
 
     path = str(tmp_path / "rank_0000.ckpt.pt")
-    checkpoint.save({"weights": {"local": {}, "dnn": {}, "groups": [[0], [1]]}}, path)
+    atomic.save({"weights": {"local": {}, "dnn": {}, "groups": [[0], [1]]}}, path)
     check_groups(path, SimpleNamespace(groups={(0,): None, (1,): None}))
     with pytest.raises(UserError, match=r"rank_0000.ckpt.pt: written with .*\[\[0\], \[1\]\].*\[\[0, 1\]\]"):
         check_groups(path, SimpleNamespace(groups={(0, 1): None}))

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # lowest first; a module may import its own layer and the ones below, never one above
 LAYERS = (
     ("foundation", {"hpcdd", "hpcdd.errors", "hpcdd.extras", "hpcdd.rng", "hpcdd.metrics", "hpcdd.augmentation",
-                    "hpcdd.layout", "hpcdd.launcher", "hpcdd.checkpoint", "hpcdd.decomposition", "hpcdd.manifest",
+                    "hpcdd.layout", "hpcdd.launcher", "hpcdd.atomic", "hpcdd.decomposition", "hpcdd.manifest",
                     "hpcdd.ownership", "hpcdd.device", "hpcdd.collectives", "hpcdd.watchdog", "hpcdd.acceleration",
                     "hpcdd.registry", "hpcdd.cli_util"}),
     ("concepts, data, training, plumbing", {

@@ -116,10 +116,10 @@ def test_crash_between_write_and_rename_keeps_previous_checkpoint(tmp_path):
     path = tmp_path / "ckpt.pt"
     script = f"""
 import os, torch
-from hpcdd import checkpoint
-checkpoint.save({{"epoch": 1, "w": torch.ones(3)}}, {str(path)!r})
+from hpcdd import atomic
+atomic.save({{"epoch": 1, "w": torch.ones(3)}}, {str(path)!r})
 os.replace = lambda *a: os._exit(9)   # the process dies after writing the new file, before the rename
-checkpoint.save({{"epoch": 2, "w": torch.zeros(3)}}, {str(path)!r})
+atomic.save({{"epoch": 2, "w": torch.zeros(3)}}, {str(path)!r})
 """
     proc = run_python(["-c", script])
     assert proc.returncode == 9

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import torch
 
-from .. import checkpoint
+from .. import atomic
 from ..aggregators import accuracy, average, vote
 from ..metrics import scores
 from ..coherent import dnn_view
@@ -141,7 +141,7 @@ def run(ctx) -> None:
         for s in SPLITS:
             probs = torch.softmax(torch.from_numpy(logits[s]), dim=-1).numpy()
             y = labels[s].numpy()
-            checkpoint.save_npz(layout.probs(s), probs=probs, logits=logits[s], y=y)
+            atomic.save_npz(layout.probs(s), probs=probs, logits=logits[s], y=y)
             with torch.no_grad():
                 out = dnn(feats[s].to(ctx.device))
             pred_dnn, p_dnn = out.argmax(1).cpu().numpy(), torch.softmax(out, -1).cpu().numpy()
@@ -163,9 +163,9 @@ def run(ctx) -> None:
         ctx.log(f"[aggregate] {seconds['total']:.1f} s: inference {sum(seconds['inference'].values()):.1f} s, "
                 f"waiting for other ranks {sum(seconds['gather'].values()):.1f} s, DNN training {seconds['dnn']:.1f} s "
                 f"(other ranks idle), rest {seconds['other']:.1f} s")
-        checkpoint.save({"model": dnn.state_dict(), "input": kind, "hidden": list(ctx.cfg.dnn.hidden),
+        atomic.save({"model": dnn.state_dict(), "input": kind, "hidden": list(ctx.cfg.dnn.hidden),
                          "info": info}, layout.dnn)
-        checkpoint.write_json(results, layout.result("aggregate"))
+        atomic.write_json(results, layout.result("aggregate"))
         TrainingCheckpoint(layout.dnn_checkpoint).discard()
         r = results
         ctx.log(f"[aggregate] test accuracy: dnn {r['methods']['dnn']['test']:.4f}, average "

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from .. import checkpoint
+from .. import atomic
 from ..aggregators import accuracy
 from ..augmentation import augmentation
 from ..metrics import scores
@@ -81,7 +81,7 @@ def build_coherent(ctx, strategy: str) -> DistributedCoherent:
     dnn = ctx.models.dnn()
     if strategy == "transfer":
         groups = ctx.local_groups(ctx.layout.local_model)
-        dnn.load_state_dict(checkpoint.load(ctx.layout.dnn)["model"])
+        dnn.load_state_dict(atomic.load(ctx.layout.dnn)["model"])
     else:
         groups = ctx.local_groups()
     return DistributedCoherent(ctx.world, groups, dnn, ctx.manifest.n, ctx.cfg.dnn.input)
@@ -149,11 +149,11 @@ def train_coherent(ctx, strategy: str, t) -> None:
     test, test_scores = coherent_accuracy(ctx, model, "test", more=True)
     if own.replica == 0:
         for i, weights in model.local_state_dicts().items():
-            checkpoint.save({"model": weights, "subdomain": i}, layout.coherent_local(strategy, i))
+            atomic.save({"model": weights, "subdomain": i}, layout.coherent_local(strategy, i))
     if world.is_root:
-        checkpoint.save({"model": model.dnn.state_dict(), "input": ctx.cfg.dnn.input,
+        atomic.save({"model": model.dnn.state_dict(), "input": ctx.cfg.dnn.input,
                          "hidden": list(ctx.cfg.dnn.hidden)}, layout.coherent_dnn(strategy))
-        checkpoint.write_json({"strategy": strategy, "val": state.best_val, "test": test, **test_scores,
+        atomic.write_json({"strategy": strategy, "val": state.best_val, "test": test, **test_scores,
                                "best_epoch": state.best_epoch,
                                "initial_val": state.extra["initial_val"], "train_seconds": state.seconds,
                                "comm_seconds": sum(e["comm_seconds"] for e in state.history), "epochs": t.epochs,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import checkpoint
+from .. import atomic
 from ..collectives import gather_outputs
 from ..config import Config
 from ..events import EventLog
@@ -32,7 +32,7 @@ class RunState:
 
     @classmethod
     def read(cls, path: str) -> "RunState":
-        return cls(path, checkpoint.read_json(path))
+        return cls(path, atomic.read_json(path))
 
     def done(self, phase: str) -> bool:
         return bool(self.values.get("phases", {}).get(phase, {}).get("done"))
@@ -43,12 +43,12 @@ class RunState:
     def mark_done(self, phase: str, write: bool, **info) -> None:
         self.values.setdefault("phases", {})[phase] = dict(done=True, **info)
         if write:
-            checkpoint.write_json(self.values, self.path)
+            atomic.write_json(self.values, self.path)
 
     def mark_preempted(self, phase: str, when: str, write: bool) -> None:
         self.values["preempted"] = {"phase": phase, "time": when}
         if write:
-            checkpoint.write_json(self.values, self.path)
+            atomic.write_json(self.values, self.path)
 
     def clear_preempted(self) -> None:
         self.values.pop("preempted", None)
@@ -90,7 +90,7 @@ class RunContext:
         for group in self.fused_groups(self.world.own.subdomains):
             model = self.models.group(group)
             if path_of is not None:
-                load_state_dicts(model, [checkpoint.load(path_of(i))["model"] for i in group])
+                load_state_dicts(model, [atomic.load(path_of(i))["model"] for i in group])
             groups[tuple(group)] = model
         return groups
 

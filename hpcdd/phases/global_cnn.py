@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 
-from .. import checkpoint
+from .. import atomic
 from ..engine import TrainingCheckpoint
 from ..models import count_parameters
 from ..rng import stream_of
@@ -34,8 +34,8 @@ def run(ctx) -> None:
     if world.is_root:
         for e in state.history:
             ctx.event(phase="global", **e)
-        checkpoint.save({"model": state.best["model"]}, layout.global_model)
-        checkpoint.write_json({"val": state.best_val, "test": test, **more, "best_epoch": state.best_epoch,
+        atomic.save({"model": state.best["model"]}, layout.global_model)
+        atomic.write_json({"val": state.best_val, "test": test, **more, "best_epoch": state.best_epoch,
                                "parameters": count_parameters(model), "train_seconds": state.seconds,
                                "wall_seconds": time.perf_counter() - t0, "epochs": ctx.cfg.global_.epochs,
                                "resumes": state.extra.get("resumes", []), "history": state.history,

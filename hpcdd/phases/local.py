@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 
-from .. import checkpoint
+from .. import atomic
 from ..data import MemberData
 from ..engine import TrainingCheckpoint
 from ..models import count_parameters
@@ -69,7 +69,7 @@ def train_group(ctx, group: list, left: int) -> list:
         if not alone:
             summary["fused_with"] = group
         if own.replica == 0:
-            checkpoint.save({"model": state.best["model"], "summary": summary, "subdomain": i}, layout.local_model(i))
+            atomic.save({"model": state.best["model"], "summary": summary, "subdomain": i}, layout.local_model(i))
             TrainingCheckpoint(layout.local_checkpoint(i)).discard()
         summaries.append(summary)
     return summaries
@@ -82,7 +82,7 @@ def run(ctx) -> None:
     summaries, todo = [], []
     for i in own.subdomains:
         if os.path.exists(layout.local_model(i)):
-            summaries.append(checkpoint.load(layout.local_model(i))["summary"])
+            summaries.append(atomic.load(layout.local_model(i))["summary"])
         else:
             todo.append(i)
     groups = training_groups(ctx, todo)
@@ -102,6 +102,6 @@ def run(ctx) -> None:
         firsts = [f for s in subs for f in s.get("first_step_seconds", [])]
         if firsts:
             ctx.log(f"[local] first training steps {min(firsts):.2f}-{max(firsts):.2f} s{ctx.first_step_note()}")
-        checkpoint.write_json({"subdomains": [{k: v for k, v in s.items() if k != "history"} for s in subs],
+        atomic.write_json({"subdomains": [{k: v for k, v in s.items() if k != "history"} for s in subs],
                                "wall_seconds": max(walls), "rank_seconds": walls}, layout.result("local"))
     ctx.mark_done("local")
