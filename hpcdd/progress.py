@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from . import atomic, extras
 from .errors import UserError
+from .registry import REGISTRY, Work
 from .watchdog import alive
 
 
@@ -71,19 +72,17 @@ class Plan:
 
 
 def make_plan(cfg, manifest, models, own_table, ranks: int) -> Plan:
-    """Training counts 3x the forward pass (forward + backward), evaluation 1x."""
-    n_train, n_eval = manifest.count("train"), manifest.count("val")
+    """Each phase's cost as the registry computes it from the models' forward FLOPs."""
     local = [forward_flops(models.local(i), (manifest.channels,) + manifest.subimage_shape(i)) for i in range(manifest.n)]
     per_rank = [sum(local[i] for i in subs) for subs in own_table]
-    busiest = max(per_rank)
+    g = forward_flops(models.global_(), manifest.stored_shape(None)[:1] + manifest.spatial) / ranks \
+        if manifest.full else None
+    work = Work(manifest.count("train"), manifest.count("val"), sum(manifest.splits.values()), max(per_rank), g)
     plan = Plan()
-    plan.flops["local"] = cfg.local.epochs * (3 * n_train + n_eval) * busiest
-    plan.flops["aggregate"] = sum(manifest.splits.values()) * busiest
-    plan.flops["coherent"] = sum(getattr(cfg.coherent, s).epochs * (3 * n_train + n_eval) * busiest
-                                 for s in cfg.coherent.strategies)
-    if manifest.full:
-        g = forward_flops(models.global_(), manifest.stored_shape(None)[:1] + manifest.spatial)
-        plan.flops["global"] = cfg.global_.epochs * (3 * n_train + n_eval) * g / ranks
+    for phase in REGISTRY:
+        cost = phase.cost(cfg, work)
+        if cost is not None:
+            plan.flops[phase.name] = cost
     return plan
 
 

@@ -29,7 +29,7 @@ from .factory import Models
 from .layout import RunLayout
 from .manifest import SPLITS, Manifest, load_manifest
 from .parallel import World
-from .registry import BY_NAME
+from .registry import BY_NAME, REGISTRY
 from .phases.context import RunContext, RunState
 from .progress import Progress, make_plan
 from .watchdog import Watchdog, acquire, check_unlocked
@@ -44,8 +44,7 @@ def _validate_data(cfg: Config, world: World) -> Manifest:
         if manifest.count(split) < 1:
             raise UserError(f"{cfg.data}: the {split} split is empty; re-run data_prep")
     deep = manifest.dtype != "uint8"
-    decomposed = (("local", cfg.local), ("coherent.scratch", cfg.coherent.scratch),
-                  ("coherent.transfer", cfg.coherent.transfer))
+    decomposed = tuple(t for p in REGISTRY if p.decomposed for t in p.trainings(cfg))
     flips = any(t.augment_flip for _, t in decomposed)  # the whole image's flip shows the mirror subdomains
     asymmetry = manifest.decomposition().asymmetry() if flips else None
     for name, t in decomposed:
@@ -62,7 +61,7 @@ def _validate_data(cfg: Config, world: World) -> Manifest:
         if world.rank == 0:
             with ShardReader(manifest, None) as reader:
                 reader.validate(deep=deep)
-    for name, t in decomposed + (("global", cfg.global_),):
+    for name, t in (t for p in REGISTRY for t in p.trainings(cfg)):
         if t.augment_shift > manifest.margin:
             raise UserError(f"{name}.augment_shift = {t.augment_shift} needs shards stored with --margin "
                             f">= {t.augment_shift}, but {cfg.data} has margin {manifest.margin}")

@@ -360,3 +360,24 @@ def test_auc_and_balanced_accuracy_against_their_definitions():
     pred = np.array([0, 0, 0, 1, 1, 0, 2])
     assert balanced_accuracy(pred, y, 4) == (3 / 4 + 1 / 2 + 1) / 3  # class 3 absent: not counted
     assert imbalanced([229, 69]) and not imbalanced([100, 90, 0])
+
+
+def test_the_registry_prices_and_lists_each_phases_trainings():
+    """The run ETA's cost of each phase and the trainings checked before any starts come from the phase
+    registry: training counts 3x a forward pass, validation 1x; coherent sums its strategies; no
+    full.h5, no global cost; every training key is a config section with epochs (``--set KEY.epochs``)."""
+    from hpcdd.config import all_keys
+    from hpcdd.registry import BY_NAME, REGISTRY, Work
+
+    cfg = build_config({"local": {"epochs": 2}, "coherent": {"strategies": ["scratch", "transfer"],
+                                                             "scratch": {"epochs": 3}, "transfer": {"epochs": 1}},
+                        "global": {"epochs": 4}}, {})
+    w = Work(n_train=10, n_eval=2, n_all=15, local=5.0, global_=7.0)
+    cost = {p.name: p.cost(cfg, w) for p in REGISTRY}
+    assert cost == {"local": 2 * 32 * 5.0, "aggregate": 15 * 5.0, "coherent": (3 + 1) * 32 * 5.0,
+                    "global": 4 * 32 * 7.0, "report": 0.0}
+    assert BY_NAME["global"].cost(cfg, Work(10, 2, 15, 5.0, None)) is None
+    keys = all_keys()
+    trainings = [(p.decomposed, name) for p in REGISTRY for name, _ in p.trainings(cfg)]
+    assert trainings == [(True, "local"), (True, "coherent.scratch"), (True, "coherent.transfer"), (False, "global")]
+    assert all(f"{name}.epochs" in keys for _, name in trainings)
