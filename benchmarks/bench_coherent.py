@@ -27,13 +27,13 @@ def worker(mode: str, data: str, steps: int, threads: int, batch: int) -> None:
 
     from hpcdd.coherent import CoherentModel, DistributedCoherent
     from hpcdd.config import build_config
-    from hpcdd.engine import make_optimizer
     from hpcdd.factory import DataCache, Models
-    from hpcdd.launcher import WorldInfo
     from hpcdd.manifest import load_manifest
-    from hpcdd.ownership import ownership, slice_rows
-    from hpcdd.parallel import World, init_world
-    from hpcdd.rng import stream_of
+    from hpcdd.parallel.launcher import WorldInfo
+    from hpcdd.parallel.ownership import ownership, slice_rows
+    from hpcdd.parallel.world import World, init_world
+    from hpcdd.training.engine import make_optimizer
+    from hpcdd.training.rng import stream_of
 
     manifest = load_manifest(data)
     n = manifest.n

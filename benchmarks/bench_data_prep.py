@@ -59,8 +59,8 @@ def main() -> None:
         from hpcdd.config import TrainConfig
         from hpcdd.config import ModelConfig
         from hpcdd.models import build_model
-        from hpcdd.rng import stream_of
-        from hpcdd.training import Fit, fit
+        from hpcdd.training.fit import Fit, fit
+        from hpcdd.training.rng import stream_of
 
         torch.set_num_threads(1)
         model = build_model(ModelConfig(), 1, split.x.shape[2:], 10, 0.25)

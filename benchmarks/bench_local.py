@@ -69,13 +69,13 @@ def main() -> None:
 
     import torch
 
-    from hpcdd.acceleration import accelerate, configure, memory_format
     from hpcdd.config import ModelConfig, PerformanceConfig, TrainConfig
     from hpcdd.data import ShardReader, SplitData
     from hpcdd.manifest import load_manifest
     from hpcdd.models import build_model, default_width_scale
-    from hpcdd.rng import stream_of
-    from hpcdd.training import Fit, fit
+    from hpcdd.training.acceleration import accelerate, configure, memory_format
+    from hpcdd.training.fit import Fit, fit
+    from hpcdd.training.rng import stream_of
 
     torch.set_num_threads(args.threads)
     configure(PerformanceConfig())  # process-wide (subnormals flushed): the same for both loops

@@ -102,14 +102,14 @@ def kernel_bound(run_dir: str, ranks: int, steps: int = 12) -> dict:
     rank and of the busiest rank's local CNNs, each timed alone on one thread; their ratio."""
     import torch
 
-    from hpcdd.acceleration import configure
     from hpcdd.config import config_of_run
-    from hpcdd.engine import make_optimizer
     from hpcdd.factory import Models
-    from hpcdd.manifest import load_manifest
-    from hpcdd.ownership import ownership
     from hpcdd.fused import shape_groups
-    from hpcdd.training import train_step
+    from hpcdd.manifest import load_manifest
+    from hpcdd.parallel.ownership import ownership
+    from hpcdd.training.acceleration import configure
+    from hpcdd.training.engine import make_optimizer
+    from hpcdd.training.fit import train_step
 
     cfg = config_of_run(run_dir)
     m = load_manifest(cfg.data)

@@ -56,10 +56,10 @@ def main() -> None:
 
     import torch
 
-    from hpcdd.acceleration import memory_format
     from hpcdd.config import ModelConfig
     from hpcdd.models import build_model
     from hpcdd.progress import training_flops
+    from hpcdd.training.acceleration import memory_format
 
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)

@@ -74,8 +74,8 @@ def checksum_cost(data: str, i: int, args, t, fresh) -> None:
 
     from hpcdd.data import STREAM_BLOCK, ShardReader, SplitData, StreamPlan
     from hpcdd.manifest import load_manifest
-    from hpcdd.rng import stream_of
-    from hpcdd.training import Fit, fit
+    from hpcdd.training.fit import Fit, fit
+    from hpcdd.training.rng import stream_of
 
     plain = without_checksums(data, i)
     plan = StreamPlan(STREAM_BLOCK, args.window)
@@ -116,8 +116,8 @@ def main() -> None:
     from hpcdd.data import STREAM_BLOCK, ShardReader, SplitData, StreamPlan
     from hpcdd.manifest import load_manifest
     from hpcdd.models import build_model, default_width_scale
-    from hpcdd.rng import stream_of
-    from hpcdd.training import Fit, fit
+    from hpcdd.training.fit import Fit, fit
+    from hpcdd.training.rng import stream_of
 
     torch.set_num_threads(args.threads)
     data = prepared(args.grid, 1, None)

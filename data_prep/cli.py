@@ -80,7 +80,7 @@ def chunk_bytes(args) -> int:
 
 def default_workers() -> int:
     """The cores of this process, shared with the other tasks a launcher put on this node."""
-    from hpcdd.launcher import world_info
+    from hpcdd.parallel.launcher import world_info
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // max(1, world_info(os.environ).local_size or 1))

@@ -44,7 +44,7 @@ class OneLineParser(argparse.ArgumentParser):
         """Every rank of a launcher parses the same arguments and fails the same way: rank 0 says it."""
         import os
 
-        from .launcher import world_info
+        from .parallel.launcher import world_info
 
         if world_info(os.environ).rank == 0:
             print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr, flush=True)

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .acceleration import autocast, full_precision
-from .collectives import allgather_rows
 from .fused import load_state_dicts, state_dicts_of
-from .ownership import slice_rows
-from .rng import TAG_COHERENT, TAG_DNN, mix, seed_torch
-from .training import group_logits
+from .parallel.collectives import allgather_rows
+from .parallel.ownership import slice_rows
+from .training.acceleration import autocast, full_precision
+from .training.fit import group_logits
+from .training.rng import TAG_COHERENT, TAG_DNN, mix, seed_torch
 
 
 def dnn_view(logits: torch.Tensor, kind: str) -> torch.Tensor:

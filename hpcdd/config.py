@@ -82,7 +82,7 @@ class PreemptionConfig:
 
 @dataclass
 class PerformanceConfig:
-    """How the CNNs run (hpcdd/acceleration.py): "auto" (measured best here), "on" or "off"."""
+    """How the CNNs run (hpcdd/training/acceleration.py): "auto" (measured best here), "on" or "off"."""
 
     channels_last: str = "auto"  # auto: on for 2D CNNs
     compile: str = "auto"  # auto: on a GPU; on the CPU off (compile time exceeds the gain in short runs)
@@ -317,7 +317,7 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    from .preemption import parse_signals
+    from .parallel.preemption import parse_signals
 
     parse_signals(cfg.preemption.signals)
     cfg.phases = [p for p in PHASES if p in cfg.phases]

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import UserError
-from .watchdog import alive
 from .manifest import FORMAT_VERSION, Manifest
+from .parallel.watchdog import alive
 
 DEFAULT_MEMORY_LIMIT = 4 << 30
 STREAM_BLOCK = 1024  # rows of a streamed shard read in one piece
@@ -397,7 +397,7 @@ class WindowReader:
     normalised in a background thread one window ahead of training.
 
     A row's window follows from the order alone: blocks first appear in window order and every
-    window but the last holds ``window // block`` of them (``hpcdd.rng.chunked_permutation``).
+    window but the last holds ``window // block`` of them (``hpcdd.training.rng.chunked_permutation``).
     """
 
     def __init__(self, data: SplitData, order: np.ndarray, plan: StreamPlan):

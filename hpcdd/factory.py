@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from . import rng
-from .acceleration import accelerate, for_inference
 from .aggregators import DNN
 from .data import ShardReader, SplitData, stream_plan
 from .fused import Fused
 from .manifest import Manifest
 from .models import build_model, default_width_scale
+from .training import rng
+from .training.acceleration import accelerate, for_inference
 
 
 class Models:

@@ -23,7 +23,7 @@ import copy
 import torch
 from torch import nn
 
-from . import rng
+from .training import rng
 
 _SAME = (nn.ReLU, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Identity)
 _CONV = (nn.Conv2d, nn.Conv3d)

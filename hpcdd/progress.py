@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 from . import atomic, extras
 from .errors import UserError
+from .parallel.watchdog import alive
 from .registry import REGISTRY, Work
-from .watchdog import alive
 
 
 def forward_flops(model, shape) -> float:

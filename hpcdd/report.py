@@ -400,7 +400,7 @@ def recorded_run(run_dir: str) -> RecordedRun:
     from .factory import Models
     from .layout import RunLayout
     from .manifest import load_manifest
-    from .ownership import ownership
+    from .parallel.ownership import ownership
 
     layout = RunLayout(run_dir)
     cfg = config_of_run(run_dir)

@@ -73,7 +73,7 @@ def resolve_config(args) -> Config:
 
 
 def env_rank() -> int:
-    from .launcher import world_info
+    from .parallel.launcher import world_info
 
     return world_info(os.environ).rank
 
@@ -89,8 +89,8 @@ def main(argv=None) -> int:
             if env_rank() == 0:
                 print(to_toml(cfg), end="")
             return 0
-        from .failures import mpi_init_begins, mpi_init_done, start_death_watch
-        from .parallel import init_world
+        from .parallel.failures import mpi_init_begins, mpi_init_done, start_death_watch
+        from .parallel.world import init_world
 
         start_death_watch(env_rank(), cfg.out)
         mpi_init_begins()
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         run_phases(ctx)
         return 0
     except UserError as e:
-        from .failures import user_error_exit
+        from .parallel.failures import user_error_exit
 
         collective = world is None or ctx is None or isinstance(e, AgreedError)
         if world is None:
@@ -115,18 +115,18 @@ def main(argv=None) -> int:
         raise
     except OSError as e:
         from .atomic import disk_full
-        from .failures import report_failure, user_error_exit
+        from .parallel.failures import report_failure, user_error_exit
 
         full = disk_full(e.filename or (cfg.out if cfg is not None else "RUN"), e)
         if full is None:
             report_failure(world, e)
         user_error_exit(world, str(full), world is None or ctx is None)
     except KeyboardInterrupt:
-        from .failures import interrupted
+        from .parallel.failures import interrupted
 
         interrupted(world, cfg.out if cfg is not None else None)
     except BaseException as e:  # noqa: BLE001 - any failure on one rank must end every rank
-        from .failures import report_failure
+        from .parallel.failures import report_failure
 
         report_failure(world, e)
     finally:
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
             ctx.data.release(everything=True)
             ctx.events.close()
             if ctx.world.is_root:
-                from .watchdog import release
+                from .parallel.watchdog import release
 
                 release(ctx.layout)
     return 0

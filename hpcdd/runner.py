@@ -22,17 +22,17 @@ import time
 from . import __version__, atomic
 from .config import Config
 from .data import ShardReader
-from .events import decomposition_picture
 from .errors import UserError
-from .acceleration import autocast_problem, compiler_problem, configure, wants_channels_last, wants_compile
+from .events import decomposition_picture
 from .factory import Models
 from .layout import RunLayout
 from .manifest import SPLITS, Manifest, load_manifest
-from .parallel import World
-from .registry import BY_NAME, REGISTRY
+from .parallel.watchdog import Watchdog, acquire, check_unlocked
+from .parallel.world import World
 from .phases.context import RunContext, RunState
 from .progress import Progress, make_plan
-from .watchdog import Watchdog, acquire, check_unlocked
+from .registry import BY_NAME, REGISTRY
+from .training.acceleration import autocast_problem, compiler_problem, configure, wants_channels_last, wants_compile
 
 
 def _validate_data(cfg: Config, world: World) -> Manifest:
@@ -207,7 +207,7 @@ def check_shared(cfg: Config, world: World, layout: RunLayout, resume: bool) -> 
     bad = [r for r, (_, p) in enumerate(reports) if p]
     if not bad:
         return
-    from .parallel import hosts_of
+    from .parallel.world import hosts_of
 
     if world.is_root and not resume:
         shutil.rmtree(cfg.out, ignore_errors=True)  # it was made here a moment ago
@@ -281,7 +281,7 @@ def prepare(cfg: Config, world: World, resume: bool = False, force: bool = False
     if world.is_root:  # maps the PID or host an MPI launcher names when a rank dies to its rank
         atomic.write_json({"ranks": procs, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, layout.ranks)
     world.barrier()
-    from .preemption import StopFlag, parse_signals
+    from .parallel.preemption import StopFlag, parse_signals
 
     ctx = RunContext(cfg, world, layout, manifest, state, stop=StopFlag(world, parse_signals(cfg.preemption.signals)))
     ctx.watchdog = Watchdog(layout, world, cfg.watchdog_timeout, procs).start()
@@ -309,7 +309,7 @@ def prepare(cfg: Config, world: World, resume: bool = False, force: bool = False
 
 def run_phases(ctx: RunContext) -> None:
     """The configured phases in order; a preemption checkpoints, records itself and exits 75."""
-    from .preemption import EXIT_PREEMPTED, Preempted, await_requeue_kill, requeue_slurm_job
+    from .parallel.preemption import EXIT_PREEMPTED, Preempted, await_requeue_kill, requeue_slurm_job
 
     ctx.state.clear_preempted()  # a resumed run: the next state.json written no longer says so
     for phase in ctx.cfg.phases:

@@ -10,8 +10,8 @@ import pytest
 
 from hpcdd.augmentation import Augmentation
 from hpcdd.data import ShardReader, SplitData, StreamPlan, crop, stream_plan
-from hpcdd.manifest import load_manifest
 from hpcdd.errors import UserError
+from hpcdd.manifest import load_manifest
 from tests.helpers import flip_pixel_bytes, prepare
 
 
@@ -49,7 +49,7 @@ def test_streaming_equals_in_memory(data):
 
 
 def test_chunked_order_reads_whole_blocks_window_by_window():
-    from hpcdd.rng import chunked_permutation
+    from hpcdd.training.rng import chunked_permutation
 
     n, block, window = 5000, 256, 1024
     order = chunked_permutation(7, n, block, window)
@@ -74,7 +74,7 @@ def test_chunked_order_reads_whole_blocks_window_by_window():
 def test_streamed_epoch_read_ahead_gives_the_in_memory_rows(data):
     """A streamed split serves an epoch (also from a step in the middle, as after a resume) with
     exactly the rows of the in-memory split."""
-    from hpcdd.rng import stream_of
+    from hpcdd.training.rng import stream_of
 
     m = load_manifest(str(data))
     assert stream_plan(m, range(m.n), "train", 1) == StreamPlan(1024, 1024)
@@ -212,8 +212,8 @@ def test_training_on_streamed_shards_equals_in_memory(data):
 
     from hpcdd.config import ModelConfig, TrainConfig
     from hpcdd.models import build_model
-    from hpcdd.rng import stream_of
-    from hpcdd.training import Fit, fit
+    from hpcdd.training.fit import Fit, fit
+    from hpcdd.training.rng import stream_of
 
     m = load_manifest(str(data))
     states = []
@@ -283,8 +283,8 @@ def test_each_epoch_logs_the_learning_rate_it_trained_at(data):
 
     from hpcdd.config import ModelConfig, TrainConfig
     from hpcdd.models import build_model
-    from hpcdd.rng import stream_of
-    from hpcdd.training import Fit, fit
+    from hpcdd.training.fit import Fit, fit
+    from hpcdd.training.rng import stream_of
 
     m = load_manifest(str(data))
     torch.manual_seed(0)

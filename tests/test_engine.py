@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from hpcdd.config import TrainConfig
-from hpcdd.engine import Loop, make_optimizer, make_scheduler, run_loop
 from hpcdd.errors import UserError
-from hpcdd.preemption import Preempted
-from hpcdd.rng import stream_of
+from hpcdd.parallel.preemption import Preempted
+from hpcdd.training.engine import Loop, make_optimizer, make_scheduler, run_loop
+from hpcdd.training.rng import stream_of
 
 N, D, K = 96, 8, 3
 
@@ -124,7 +124,7 @@ def test_a_training_checkpoint_tells_its_points_and_weights_and_is_discarded_who
     """What phases ask of a checkpoint (fusing members that hold a common point, checking the layout a
     resume would load, removing it when done) without reading its format: no file is the start
     (0, 0); a torn file is a point of its own; ``discard`` removes PATH and PATH.prev."""
-    from hpcdd.engine import TrainingCheckpoint
+    from hpcdd.training.engine import TrainingCheckpoint
 
     path = str(tmp_path / "ckpt.pt")
     ck = TrainingCheckpoint(path)

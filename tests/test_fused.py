@@ -11,8 +11,8 @@ from hpcdd.data import MemberData, ShardReader, SplitData
 from hpcdd.fused import Fused, fusable
 from hpcdd.manifest import load_manifest
 from hpcdd.models import build_model
-from hpcdd.rng import seed_torch, stream_of
-from hpcdd.training import Fit, fit
+from hpcdd.training.fit import Fit, fit
+from hpcdd.training.rng import seed_torch, stream_of
 from tests.helpers import prepare
 
 
@@ -135,7 +135,7 @@ def test_fused_training_stopped_mid_epoch_resumes_fused_or_alone(grid_data, tmp_
     """A stop mid-epoch leaves each member's checkpoint; resuming them fused, or each alone, or fused
     after a kill between the two members' writes (the second member holds only the previous point,
     so both resume from it), ends where the uninterrupted fused training ends."""
-    from hpcdd.preemption import Preempted
+    from hpcdd.parallel.preemption import Preempted
 
     m = grid_data
     subs = [0, 3]  # both 9x9
@@ -188,8 +188,8 @@ def test_fused_training_stopped_mid_epoch_resumes_fused_or_alone(grid_data, tmp_
 def test_bf16_autocast_trains_in_bfloat16_and_learns(grid_data):
     """performance.autocast = "bf16" (the GPU option, run here on the CPU): the CNN's convolutions
     compute in bfloat16, the loss in float32, and a local CNN still learns (chance: 0.1)."""
-    from hpcdd.acceleration import configure
     from hpcdd.config import PerformanceConfig
+    from hpcdd.training.acceleration import configure
 
     m = grid_data
     seen = []

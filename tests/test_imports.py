@@ -13,14 +13,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # lowest first; a module may import its own layer and the ones below, never one above
 LAYERS = (
-    ("foundation", {"hpcdd", "hpcdd.errors", "hpcdd.extras", "hpcdd.rng", "hpcdd.metrics", "hpcdd.augmentation",
-                    "hpcdd.layout", "hpcdd.launcher", "hpcdd.atomic", "hpcdd.decomposition", "hpcdd.manifest",
-                    "hpcdd.ownership", "hpcdd.device", "hpcdd.collectives", "hpcdd.watchdog", "hpcdd.acceleration",
-                    "hpcdd.registry", "hpcdd.cli_util"}),
+    ("foundation", {"hpcdd", "hpcdd.errors", "hpcdd.extras", "hpcdd.metrics", "hpcdd.augmentation", "hpcdd.layout",
+                    "hpcdd.atomic", "hpcdd.decomposition", "hpcdd.manifest", "hpcdd.registry", "hpcdd.cli_util",
+                    "hpcdd.parallel", "hpcdd.parallel.launcher", "hpcdd.parallel.ownership", "hpcdd.parallel.device",
+                    "hpcdd.parallel.collectives", "hpcdd.parallel.watchdog",
+                    "hpcdd.training", "hpcdd.training.rng", "hpcdd.training.acceleration"}),
     ("concepts, data, training, plumbing", {
         "hpcdd.config", "hpcdd.data", "hpcdd.models", "hpcdd.fused", "hpcdd.aggregators", "hpcdd.coherent",
-        "hpcdd.training", "hpcdd.engine", "hpcdd.preemption", "hpcdd.events", "hpcdd.progress", "hpcdd.export",
-        "hpcdd.factory", "hpcdd.parallel", "hpcdd.failures"}),
+        "hpcdd.events", "hpcdd.progress", "hpcdd.export", "hpcdd.factory",
+        "hpcdd.training.fit", "hpcdd.training.engine",
+        "hpcdd.parallel.world", "hpcdd.parallel.preemption", "hpcdd.parallel.failures"}),
     ("phases and report", {"hpcdd.phases", "hpcdd.phases.context", "hpcdd.phases.local", "hpcdd.phases.aggregate",
                            "hpcdd.phases.coherent", "hpcdd.phases.global_cnn", "hpcdd.phases.report", "hpcdd.report"}),
     ("entry points", {"hpcdd.runner", "hpcdd.run", "hpcdd.predict", "hpcdd.__main__"}),

@@ -232,11 +232,11 @@ def test_replicas_train_every_phase(runs):
 def test_transfer_starts_from_local_and_dnn_weights(runs, small_data):
     """The transfer strategy's initial CNN-DNN is exactly the local-phase CNNs and the aggregate DNN."""
     from hpcdd.config import build_config
-    from hpcdd.launcher import WorldInfo
     from hpcdd.layout import RunLayout
     from hpcdd.manifest import load_manifest
-    from hpcdd.ownership import ownership
-    from hpcdd.parallel import World
+    from hpcdd.parallel.launcher import WorldInfo
+    from hpcdd.parallel.ownership import ownership
+    from hpcdd.parallel.world import World
     from hpcdd.phases.coherent import build_coherent
     from hpcdd.phases.context import RunContext, RunState
 

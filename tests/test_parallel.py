@@ -3,8 +3,8 @@
 import pytest
 
 from hpcdd.errors import UserError
-from hpcdd.launcher import WorldInfo, check_slurm_size, oversubscribed, slurm_tasks_on_node, world_info
-from hpcdd.ownership import ownership, slice_rows
+from hpcdd.parallel.launcher import WorldInfo, check_slurm_size, oversubscribed, slurm_tasks_on_node, world_info
+from hpcdd.parallel.ownership import ownership, slice_rows
 
 
 def test_slurm_environment():

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from hpcdd import rng
 from hpcdd.aggregators import DNN, average, vote
 from hpcdd.config import ModelConfig, build_config, load_toml
 from hpcdd.errors import UserError
 from hpcdd.models import build_model, count_parameters, default_width_scale
+from hpcdd.training import rng
 from tests.helpers import ROOT, env_for_tests, run_python
 
 
@@ -151,7 +151,7 @@ def test_no_two_trainings_share_a_random_stream():
     """Every training's minibatch-order, shift and dropout streams differ from every other training's, at
     the same seed and across seeds (the coherent strategies once shared streams at seeds s and s+1). The one
     shared stream is by design: the local CNNs and the global CNN see the same minibatch order."""
-    from hpcdd.rng import stream_of
+    from hpcdd.training.rng import stream_of
 
     def trainings(seed):
         for name in ("global", "dnn", "coherent scratch", "coherent transfer"):
@@ -180,9 +180,9 @@ def test_accelerated_cnn_computes_what_the_plain_one_does(compile_, spatial):
     compiled code draws its dropout masks from its own generator.)"""
     import torch
 
-    from hpcdd.acceleration import accelerate, compiler_problem
     from hpcdd.config import ModelConfig, PerformanceConfig
     from hpcdd.models import build_model
+    from hpcdd.training.acceleration import accelerate, compiler_problem
 
     if compile_ == "on" and compiler_problem("cpu"):
         pytest.skip(compiler_problem("cpu"))
@@ -214,10 +214,10 @@ def test_inference_copy_folds_batchnorm_and_computes_the_same(family, spatial, m
     model (a fused one too), and the model itself untouched and still training."""
     import torch
 
-    from hpcdd.acceleration import for_inference
     from hpcdd.config import ModelConfig, PerformanceConfig
     from hpcdd.fused import Fused
-    from hpcdd.rng import stream_of
+    from hpcdd.training.acceleration import for_inference
+    from hpcdd.training.rng import stream_of
 
     torch.manual_seed(0)
     spec = ModelConfig(family=family, widths=[8, 16, 16, 16])
@@ -254,8 +254,8 @@ class _World:
 def test_a_slow_first_step_is_progress_within_its_limit(tmp_path, monkeypatch):
     """torch.compile compiling a first step for longer than watchdog_timeout is not a deadlock; past
     SLOW_STEP_LIMIT the watchdog fires and says what was running."""
-    from hpcdd import watchdog
     from hpcdd.layout import RunLayout
+    from hpcdd.parallel import watchdog
 
     layout = RunLayout(str(tmp_path))
     os.makedirs(layout.progress)
@@ -285,8 +285,8 @@ def test_a_lock_whose_pid_was_reused_is_stale(tmp_path):
     import platform
     import subprocess
 
-    from hpcdd import watchdog
     from hpcdd.layout import RunLayout
+    from hpcdd.parallel import watchdog
 
     layout = RunLayout(str(tmp_path))
     other = subprocess.Popen(["sleep", "30"])

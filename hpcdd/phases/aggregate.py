@@ -14,16 +14,16 @@ import torch
 
 from .. import atomic
 from ..aggregators import accuracy, average, vote
-from ..metrics import scores
 from ..coherent import dnn_view
-from ..collectives import bcast_array
 from ..data import TensorData
-from ..engine import TrainingCheckpoint
-from ..launcher import oversubscribed
 from ..manifest import SPLITS
+from ..metrics import scores
 from ..models import count_parameters
-from ..rng import stream_of
-from ..training import Fit, fit, group_logits
+from ..parallel.collectives import bcast_array
+from ..parallel.launcher import oversubscribed
+from ..training.engine import TrainingCheckpoint
+from ..training.fit import Fit, fit, group_logits
+from ..training.rng import stream_of
 
 
 def local_logits(ctx, groups: dict, split: str) -> np.ndarray:
@@ -37,7 +37,7 @@ def on_root(ctx, work, meanwhile=None):
     """``work()`` on rank 0 while the other ranks run ``meanwhile()`` (if given) and then wait without
     spinning; a stop on any rank during it stops every rank (rank 0 checkpoints first). Returns rank
     0's result there, ``meanwhile()``'s elsewhere."""
-    from ..preemption import Preempted
+    from ..parallel.preemption import Preempted
 
     result, stopped = None, False
     if ctx.world.is_root:

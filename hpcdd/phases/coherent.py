@@ -17,13 +17,13 @@ import torch
 from .. import atomic
 from ..aggregators import accuracy
 from ..augmentation import augmentation
-from ..metrics import scores
 from ..coherent import DistributedCoherent
-from ..engine import Loop, TrainingCheckpoint, TrainState, make_optimizer, make_scheduler, run_loop, snapshot
 from ..errors import UserError
-from ..ownership import slice_rows
-from ..rng import stream_of
-from ..training import buffers_of
+from ..metrics import scores
+from ..parallel.ownership import slice_rows
+from ..training.engine import Loop, TrainingCheckpoint, TrainState, make_optimizer, make_scheduler, run_loop, snapshot
+from ..training.fit import buffers_of
+from ..training.rng import stream_of
 
 
 def coherent_accuracy(ctx, model: DistributedCoherent, split: str, more: bool = False):

@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import atomic
-from ..collectives import gather_outputs
 from ..config import Config
 from ..events import EventLog
 from ..factory import DataCache, Models
 from ..fused import load_state_dicts, shape_groups
 from ..layout import RunLayout
 from ..manifest import Manifest
-from ..parallel import World
+from ..parallel.collectives import gather_outputs
+from ..parallel.world import World
 
 
 @dataclass
@@ -66,7 +66,7 @@ class RunContext:
     data: DataCache = None
     events: EventLog = None
     progress: object = None  # hpcdd.progress.Progress
-    watchdog: object = None  # hpcdd.watchdog.Watchdog
+    watchdog: object = None  # hpcdd.parallel.watchdog.Watchdog
 
     def __post_init__(self):
         if self.events is None:
@@ -111,7 +111,7 @@ class RunContext:
 
     def sync(self) -> None:
         """The end of a phase's parallel work: every rank meets here, then all agree whether to stop."""
-        from ..preemption import Preempted
+        from ..parallel.preemption import Preempted
 
         self.world.idle_barrier()
         if self.stop is not None and self.stop.agree():
@@ -158,7 +158,7 @@ class RunContext:
 
     def first_step_note(self) -> str:
         """What a training's first step holds besides the step, for the log."""
-        from ..acceleration import wants_compile
+        from ..training.acceleration import wants_compile
 
         return " (includes torch.compile's compilation)" if wants_compile(self.cfg.performance.compile, self.device)[0] \
             else ""

@@ -7,10 +7,10 @@ import os
 import time
 
 from .. import atomic
-from ..engine import TrainingCheckpoint
 from ..models import count_parameters
-from ..rng import stream_of
-from ..training import Fit, fit, test_scores
+from ..training.engine import TrainingCheckpoint
+from ..training.fit import Fit, fit, test_scores
+from ..training.rng import stream_of
 
 
 def run(ctx) -> None:

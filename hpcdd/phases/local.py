@@ -13,10 +13,10 @@ import time
 
 from .. import atomic
 from ..data import MemberData
-from ..engine import TrainingCheckpoint
 from ..models import count_parameters
-from ..rng import stream_of
-from ..training import Fit, fit
+from ..training.engine import TrainingCheckpoint
+from ..training.fit import Fit, fit
+from ..training.rng import stream_of
 
 
 def training_groups(ctx, subdomains: list) -> list:

@@ -15,14 +15,14 @@ import torch.nn.functional as F
 
 from hpcdd.coherent import CoherentModel, DistributedCoherent, dnn_view
 from hpcdd.config import build_config
-from hpcdd.engine import make_optimizer
 from hpcdd.factory import DataCache, Models
-from hpcdd.manifest import load_manifest
-from hpcdd.ownership import slice_rows
-from hpcdd.parallel import init_world
 from hpcdd.fused import shape_groups
-from hpcdd.rng import TAG_COHERENT, TAG_DNN, seed_torch, stream_of
-from hpcdd.training import train_step
+from hpcdd.manifest import load_manifest
+from hpcdd.parallel.ownership import slice_rows
+from hpcdd.parallel.world import init_world
+from hpcdd.training.engine import make_optimizer
+from hpcdd.training.fit import train_step
+from hpcdd.training.rng import TAG_COHERENT, TAG_DNN, seed_torch, stream_of
 
 data, optimizer = sys.argv[1], sys.argv[2]
 world = init_world(device="cpu", threads=1)

@@ -10,7 +10,7 @@ from mpi4py import MPI
 
 from hpcdd.data import ShardReader
 from hpcdd.manifest import SPLITS, load_manifest
-from hpcdd.parallel import init_world
+from hpcdd.parallel.world import init_world
 
 data = sys.argv[1]
 world = init_world(device="cpu", threads=1)

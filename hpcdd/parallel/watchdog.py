@@ -26,8 +26,8 @@ import sys
 import threading
 import time
 
-from . import atomic
-from .errors import UserError
+from .. import atomic
+from ..errors import UserError
 
 _last_progress = [time.time()]
 FOLLOW_POLL = 2.0  # seconds between checks for RUN/FAILED (one stat) and refreshes of RUN/LOCK

@@ -18,8 +18,8 @@ import time
 
 import numpy as np
 
+from ..errors import UserError
 from .collectives import Group
-from .errors import UserError
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed and stopped; continue with --resume RUN
 _TAG = 7207

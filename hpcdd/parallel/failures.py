@@ -11,10 +11,10 @@ import sys
 import traceback
 from typing import TYPE_CHECKING
 
-from .errors import EXIT_USER_ERROR
+from ..errors import EXIT_USER_ERROR
 
 if TYPE_CHECKING:
-    from .parallel import World
+    from .world import World
 
 _orderly_exit = None  # tells this rank's watcher that the exit is deliberate
 _tell_watch = None  # tells this rank's watcher where it is (MPI initialisation begins/ends)
@@ -67,7 +67,7 @@ print(msg, file=sys.stderr, flush=True)
 
 
 def failure_marker(run_dir: str) -> str:
-    from .layout import RunLayout
+    from ..layout import RunLayout
 
     return RunLayout(run_dir).failed
 
@@ -150,7 +150,7 @@ def interrupted(world: World | None, run_dir: str | None) -> None:
     """Ctrl-C (SIGINT to mpiexec reaches every rank): one line from rank 0, exit 130."""
     message = ("hpcdd: interrupted (SIGINT); checkpoints written so far are kept"
                + (f": continue with --resume {run_dir}" if run_dir and os.path.isdir(run_dir) else ""))
-    from .layout import RunLayout
+    from ..layout import RunLayout
 
     has_run = bool(run_dir) and os.path.isdir(RunLayout(run_dir).progress)
     if world is None or world.is_root:
@@ -202,7 +202,7 @@ def record_failure(run_dir: str, message: str) -> bool:
 
 
 def _give_up_reserve(run_dir: str) -> None:
-    from .layout import RunLayout
+    from ..layout import RunLayout
 
     try:
         os.unlink(RunLayout(run_dir).reserve)

@@ -2,7 +2,7 @@
 
 ``fit`` trains on one split, optionally data-parallel over a ``Group`` (each worker a slice of
 every minibatch, one Allreduce of gradients per step), and scores validation every epoch.
-Randomness comes from counters (``hpcdd.rng.Stream``), so the result does not depend on how many
+Randomness comes from counters (``hpcdd.training.rng.Stream``), so the result does not depend on how many
 ranks trained the model or whether the run was resumed.
 """
 
@@ -14,13 +14,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..augmentation import augmentation
+from ..parallel.collectives import Group
+from ..parallel.ownership import slice_rows
+from ..parallel.watchdog import alive
 from .acceleration import autocast, full_precision
-from .augmentation import augmentation
-from .collectives import Group
 from .engine import Loop, make_optimizer, make_scheduler, run_loop
-from .ownership import slice_rows
 from .rng import Stream, seed_torch
-from .watchdog import alive
 
 
 @torch.no_grad()
@@ -47,7 +47,7 @@ def logits_of(model, data, device, batch_size: int, rows: np.ndarray | None = No
 def group_logits(groups: dict, data: dict, device, batch_size: int, rows: np.ndarray | None = None) -> dict:
     """Subdomain -> (n, K) logits over ``rows`` of its split (``data[i]``), from ``groups``: a tuple of
     subdomains -> the module that computes them (one local CNN, or a fused model of several)."""
-    from .data import MemberData
+    from ..data import MemberData
 
     out = {}
     for group, model in groups.items():
@@ -74,7 +74,7 @@ def test_scores(model, data, device, batch_size: int, group: Group = Group()) ->
     """``test`` (the accuracy, as ``accuracy_of`` counts it) and hpcdd.metrics.scores of a split, each
     worker of ``group`` computing a slice: the slices' logits are summed into one (n, K) array (zeros
     elsewhere: exact), one Allreduce of n x K floats."""
-    from .metrics import scores
+    from ..metrics import scores
 
     n = len(data)
     rows = np.arange(n)[slice_rows(n, group.size, group.rank)]

@@ -20,9 +20,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import atomic
-from .errors import UserError
-from .watchdog import slow_step
+from .. import atomic
+from ..errors import UserError
+from ..parallel.watchdog import slow_step
 
 
 class TrainingDiverged(UserError):
@@ -288,7 +288,7 @@ def resume(loop: Loop, device):
 def train(loop: Loop, states: list, device) -> list:
     """Run the remaining epochs of ``states`` (one per member); raise ``Preempted`` after
     checkpointing on a stop."""
-    from .preemption import Preempted
+    from ..parallel.preemption import Preempted
 
     shape = (loop.members,)
     if any(s.best is None for s in states):

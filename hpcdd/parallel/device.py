@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import UserError
+from ..errors import UserError
 from .launcher import WorldInfo
 
 

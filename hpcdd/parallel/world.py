@@ -1,10 +1,10 @@
 """The world of one rank: who it is, its device and threads, its subdomains, its communicators.
 
 ``init_world`` is the only place that touches ``MPI.COMM_WORLD``; launcher parsing
-(``hpcdd.launcher``), ownership (``hpcdd.ownership``), device choice (``hpcdd.device``), the
-collectives (``hpcdd.collectives``) and failure handling (``hpcdd.failures``) live in their own
+(``hpcdd.parallel.launcher``), ownership (``hpcdd.parallel.ownership``), device choice (``hpcdd.parallel.device``), the
+collectives (``hpcdd.parallel.collectives``) and failure handling (``hpcdd.parallel.failures``) live in their own
 modules. Phases receive a ``World``: its ``Group``s for data-parallel work, and its communicator
-only to hand to a collective of ``hpcdd.collectives`` (``bcast_array``, ``gather_outputs``).
+only to hand to a collective of ``hpcdd.parallel.collectives`` (``bcast_array``, ``gather_outputs``).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import sys
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from ..errors import AgreedError, UserError
 from . import collectives
 from .collectives import Group
 from .device import select_device
-from .errors import AgreedError, UserError
 from .launcher import WorldInfo, check_slurm_size, node_cores, world_info
 from .ownership import Ownership, ownership
 
@@ -123,7 +123,7 @@ def software(with_mpi: bool = True) -> dict:
     import numpy
     import torch
 
-    from . import __version__
+    from .. import __version__
 
     out = {"hpcdd": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
            "mpi4py": mpi4py.__version__, "python": platform.python_version()}

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
-from .errors import UserError
+from ..errors import UserError
 
 # (launcher, rank variable, local rank variable, local size variable), most specific first.
 _LAUNCHERS = (
