@@ -69,6 +69,7 @@ def resolve_config(args) -> Config:
         raise UserError("--data: missing; give the directory written by data_prep (or data = \"...\" in --config)")
     if not cfg.out:
         raise UserError("--out: missing; give a new run directory (or out = \"...\" in --config)")
+    cfg.data = os.path.abspath(cfg.data)  # RUN/config.json must find the data from any directory (--resume, hpcdd-report)
     return cfg
 
 

@@ -126,6 +126,16 @@ def test_specific_key_wins_over_epochs_shorthand(argv):
         (10, 10, 10, 5)
 
 
+def test_a_relative_data_path_is_recorded_absolute(tmp_path, monkeypatch):
+    """RUN/config.json is read by --resume and hpcdd-report from any directory: a --data given relative
+    to where the run started is recorded as the absolute path it meant."""
+    from hpcdd.run import build_parser, resolve_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve_config(build_parser().parse_args(["--data", "prepared", "--out", "o"]))
+    assert cfg.data == str(tmp_path / "prepared")
+
+
 def test_print_config_is_toml_that_round_trips(tmp_path):
 
     proc = run_python(["-m", "hpcdd.run", "--print-config", "--set", "dnn.hidden=32,16", "--epochs", "2",
