@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import EXIT_USER_ERROR
+from .errors import EXIT_USER_ERROR, UserError
+from .parallel.launcher import world_info
 
 
 def count(minimum: int):
@@ -26,8 +27,6 @@ def writable_file(option: str, path: str) -> None:
     """An output file's folder must exist and be writable, checked before any work."""
     import os
 
-    from .errors import UserError
-
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UserError(f"{option} {path}: folder {folder} does not exist")
@@ -43,8 +42,6 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):
         """Every rank of a launcher parses the same arguments and fails the same way: rank 0 says it."""
         import os
-
-        from .parallel.launcher import world_info
 
         if world_info(os.environ).rank == 0:
             print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr, flush=True)

@@ -9,11 +9,16 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
 
+from .atomic import read_json
+from .augmentation import NAMES
 from .errors import UserError
+from .layout import RunLayout
+from .parallel.preemption import parse_signals
 from .registry import PHASES
 
 FAMILIES = ("vgg", "resnet20", "resnet32", "resnet18")
@@ -148,8 +153,6 @@ def all_keys(cls=Config, prefix: str = "") -> dict[str, type]:
 def _suggest(key: str) -> str:
     tail = key.split(".")[-1]
     if tail.startswith("augment"):
-        from .augmentation import NAMES
-
         trainings = [k.rsplit(".", 1)[0] for k in all_keys() if k.endswith("." + NAMES[0])]
         return f"; the augmentations are {', '.join(NAMES)}, of {', '.join(trainings)}"
     close = difflib.get_close_matches(key, list(all_keys()), n=1, cutoff=0.5)
@@ -250,11 +253,6 @@ def build_config(file_values: dict | None, overrides: dict[str, object], file_na
 def config_of_run(run_dir: str, overrides: dict | None = None, what: str | None = None) -> Config:
     """The configuration a run was made with (RUN/config.json without its meta block), ``out`` set to
     where the run is now: what --resume, the report and the benchmarks rebuild a run from."""
-    import os
-
-    from .atomic import read_json
-    from .layout import RunLayout
-
     path = RunLayout(run_dir).config
     if not os.path.isfile(path):
         raise UserError(f"{what or run_dir}: no {path}; is it a directory hpcdd-run wrote?")
@@ -317,7 +315,6 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    from .parallel.preemption import parse_signals
 
     parse_signals(cfg.preemption.signals)
     cfg.phases = [p for p in PHASES if p in cfg.phases]

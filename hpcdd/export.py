@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 
 from . import __version__, atomic
+from .config import ModelConfig
+from .decomposition import Decomposition
 from .errors import UserError
 
 MODEL_FORMAT = "hpcdd-cnn-dnn"
@@ -49,8 +51,6 @@ def read(path: str):
     """(CoherentModel in eval mode, meta) from a model.pt or a run directory; a UserError if it is not one."""
     from .aggregators import DNN
     from .coherent import CoherentModel
-    from .decomposition import Decomposition
-    from .config import ModelConfig
     from .models import build_model
 
     if os.path.isdir(path):

@@ -12,9 +12,13 @@ import sys
 
 import numpy as np
 
-from .cli_util import OneLineParser, count, writable_file
 from .atomic import write_text
+from .cli_util import OneLineParser, count, writable_file
+from .data import ShardReader, crop, normalise
+from .decomposition import Decomposition
 from .errors import UserError, fail
+from .export import read
+from .manifest import load_manifest
 
 
 def build_parser():
@@ -60,10 +64,6 @@ def _names(classes) -> str:
 def predict(model, meta: dict, data_dir: str, split: str, batch_size: int = 512):
     """(probabilities (n, K), labels (n,), sample ids (n,)) for a split of full images."""
     import torch
-
-    from .data import ShardReader, crop, normalise
-    from .decomposition import Decomposition
-    from .manifest import load_manifest
 
     manifest = load_manifest(data_dir)
     check_compatible(meta, manifest, data_dir)
@@ -122,7 +122,6 @@ def main(argv=None) -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        from .export import read
 
         model, meta = read(args.run)
         probs, y, ids = predict(model, meta, args.data, args.split, args.batch_size)

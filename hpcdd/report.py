@@ -14,7 +14,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import __version__, atomic, export, extras
+from .cli_util import OneLineParser
+from .config import config_of_run
 from .data import ShardReader
+from .errors import UserError, fail
+from .layout import RunLayout
+from .manifest import load_manifest
+from .metrics import imbalanced
+from .parallel.ownership import ownership
+from .progress import training_flops
 
 
 def _maybe(path: str):
@@ -139,8 +147,6 @@ def test_class_counts(m) -> list[int]:
 def score_columns(results: dict) -> list[tuple[str, str]]:
     """The (key, header) of the test columns beside accuracy: balanced accuracy where the test split's
     classes are imbalanced, AUC where there are two classes (hpcdd.metrics)."""
-    from .metrics import imbalanced
-
     cols = []
     has = {k for r in results["rows"] for k in SCORES if r.get(k) is not None}
     counts = results.get("test_class_counts") or []
@@ -156,8 +162,6 @@ def flop_efficiency(ctx, measured: float | None) -> dict:
     and of each local CNN; the FLOP-ideal speedup of the local phase over the global CNN on the same
     ranks (the global CNN's epochs spread over all ranks vs the busiest rank's local CNNs); and the
     measured speedup over it (efficiency). The measured side includes the aggregate phase."""
-    from .progress import training_flops
-
     cfg, m, own = ctx.cfg, ctx.manifest, ctx.world.own
     local = [training_flops(ctx.models.local(i), (m.channels,) + m.subimage_shape(i)) for i in range(m.n)]
     global_ = training_flops(ctx.models.global_(), (m.channels,) + tuple(m.image_shape[1:]))
@@ -395,12 +399,7 @@ class RecordedRun:
 def recorded_run(run_dir: str) -> RecordedRun:
     """The run in ``run_dir``, from config.json, ranks.json and the data's manifest; a UserError
     naming the file when one is missing or not a run's."""
-    from .config import config_of_run
-    from .errors import UserError
     from .factory import Models
-    from .layout import RunLayout
-    from .manifest import load_manifest
-    from .parallel.ownership import ownership
 
     layout = RunLayout(run_dir)
     cfg = config_of_run(run_dir)
@@ -418,9 +417,6 @@ def recorded_run(run_dir: str) -> RecordedRun:
 
 def main(argv=None) -> int:
     """``hpcdd-report RUN``: rebuild results.json, results.md, the plots and model.pt of a run."""
-    from .cli_util import OneLineParser
-    from .errors import UserError, fail
-
     p = OneLineParser(prog="hpcdd-report", description=(
         "Rebuild RUN/results.json, RUN/results.md, RUN/plots and RUN/model.pt from what the phases wrote "
         "under RUN (one process, no MPI, no GPU); the report phase runs the same code."))

@@ -9,9 +9,15 @@ import argparse
 import os
 import sys
 
+from .atomic import disk_full
 from .cli_util import OneLineParser, count
 from .config import PHASES, Config, build_config, config_of_run, load_toml, parse_override, to_toml
 from .errors import EXIT_USER_ERROR, AgreedError, UserError
+from .parallel.failures import (interrupted, mpi_init_begins, mpi_init_done, report_failure, start_death_watch,
+                                user_error_exit)
+from .parallel.launcher import world_info
+from .parallel.watchdog import release
+from .parallel.world import init_world
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,8 +80,6 @@ def resolve_config(args) -> Config:
 
 
 def env_rank() -> int:
-    from .parallel.launcher import world_info
-
     return world_info(os.environ).rank
 
 
@@ -90,8 +94,6 @@ def main(argv=None) -> int:
             if env_rank() == 0:
                 print(to_toml(cfg), end="")
             return 0
-        from .parallel.failures import mpi_init_begins, mpi_init_done, start_death_watch
-        from .parallel.world import init_world
 
         start_death_watch(env_rank(), cfg.out)
         mpi_init_begins()
@@ -104,8 +106,6 @@ def main(argv=None) -> int:
         run_phases(ctx)
         return 0
     except UserError as e:
-        from .parallel.failures import user_error_exit
-
         collective = world is None or ctx is None or isinstance(e, AgreedError)
         if world is None:
             if env_rank() == 0:
@@ -115,20 +115,13 @@ def main(argv=None) -> int:
     except SystemExit:
         raise
     except OSError as e:
-        from .atomic import disk_full
-        from .parallel.failures import report_failure, user_error_exit
-
         full = disk_full(e.filename or (cfg.out if cfg is not None else "RUN"), e)
         if full is None:
             report_failure(world, e)
         user_error_exit(world, str(full), world is None or ctx is None)
     except KeyboardInterrupt:
-        from .parallel.failures import interrupted
-
         interrupted(world, cfg.out if cfg is not None else None)
     except BaseException as e:  # noqa: BLE001 - any failure on one rank must end every rank
-        from .parallel.failures import report_failure
-
         report_failure(world, e)
     finally:
         if ctx is not None:
@@ -136,8 +129,6 @@ def main(argv=None) -> int:
             ctx.data.release(everything=True)
             ctx.events.close()
             if ctx.world.is_root:
-                from .parallel.watchdog import release
-
                 release(ctx.layout)
     return 0
 

@@ -27,8 +27,11 @@ from .events import decomposition_picture
 from .factory import Models
 from .layout import RunLayout
 from .manifest import SPLITS, Manifest, load_manifest
+from .models import count_parameters
+from .parallel.preemption import (EXIT_PREEMPTED, Preempted, StopFlag, await_requeue_kill, parse_signals,
+                                  requeue_slurm_job)
 from .parallel.watchdog import Watchdog, acquire, check_unlocked
-from .parallel.world import World
+from .parallel.world import World, hosts_of
 from .phases.context import RunContext, RunState
 from .progress import Progress, make_plan
 from .registry import BY_NAME, REGISTRY
@@ -163,8 +166,6 @@ def _check_run_dir(cfg: Config, resume: bool, force: bool) -> RunState:
 
 def checkpoint_bytes(cfg: Config, manifest: Manifest) -> int:
     """A generous estimate of what the checkpoints of a run need on disk."""
-    from .models import count_parameters
-
     params = count_parameters(Models(cfg.model, cfg.dnn, manifest, cfg.seed).global_())
     # local + two coherent strategies + global; each: final + checkpoint (weights, best weights, 2 Adam moments)
     return 4 * params * 4 * 2 * 4 + (64 << 20)
@@ -207,7 +208,6 @@ def check_shared(cfg: Config, world: World, layout: RunLayout, resume: bool) -> 
     bad = [r for r, (_, p) in enumerate(reports) if p]
     if not bad:
         return
-    from .parallel.world import hosts_of
 
     if world.is_root and not resume:
         shutil.rmtree(cfg.out, ignore_errors=True)  # it was made here a moment ago
@@ -281,7 +281,6 @@ def prepare(cfg: Config, world: World, resume: bool = False, force: bool = False
     if world.is_root:  # maps the PID or host an MPI launcher names when a rank dies to its rank
         atomic.write_json({"ranks": procs, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, layout.ranks)
     world.barrier()
-    from .parallel.preemption import StopFlag, parse_signals
 
     ctx = RunContext(cfg, world, layout, manifest, state, stop=StopFlag(world, parse_signals(cfg.preemption.signals)))
     ctx.watchdog = Watchdog(layout, world, cfg.watchdog_timeout, procs).start()
@@ -309,8 +308,6 @@ def prepare(cfg: Config, world: World, resume: bool = False, force: bool = False
 
 def run_phases(ctx: RunContext) -> None:
     """The configured phases in order; a preemption checkpoints, records itself and exits 75."""
-    from .parallel.preemption import EXIT_PREEMPTED, Preempted, await_requeue_kill, requeue_slurm_job
-
     ctx.state.clear_preempted()  # a resumed run: the next state.json written no longer says so
     for phase in ctx.cfg.phases:
         if ctx.state.done(phase) and phase != "report":

@@ -45,29 +45,35 @@ def _type_checking(node) -> bool:
     return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
 
 
+def targets(name: str, path: str, node, known) -> set:
+    """The modules one import statement of module ``name`` (file ``path``) names: hpcdd modules by
+    name (``from . import x`` names module x), anything else by its top-level package."""
+    package = name if path.endswith("__init__.py") else name.rsplit(".", 1)[0]
+    if isinstance(node, ast.Import):
+        found = {a.name for a in node.names}
+    else:
+        base = node.module or ""
+        if node.level:
+            parts = package.split(".")
+            base = ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
+        found = {f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names}
+    return {m if m in known else m.split(".")[0] for m in found} - {name}
+
+
 def imports_of(name: str, path: str, known) -> set:
     """The hpcdd modules that module ``name`` (file ``path``) imports, anywhere but TYPE_CHECKING blocks."""
-    package = name if path.endswith("__init__.py") else name.rsplit(".", 1)[0]
     found = set()
 
     def visit(node):
         if _type_checking(node):
             return
-        if isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
-            if base.split(".")[0] == "hpcdd":
-                for alias in node.names:
-                    found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
-        elif isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.split(".")[0] == "hpcdd")
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.update(targets(name, path, node, known))
         for child in ast.iter_child_nodes(node):
             visit(child)
 
     visit(ast.parse(open(path).read()))
-    return {m for m in found if m in known} - {name}
+    return found & set(known)
 
 
 def graph() -> dict:
@@ -117,3 +123,38 @@ def test_the_checker_finds_what_it_looks_for():
     assert "upward import: b (low) imports p.x (high)" in found
     assert "phase p.x imports phase p.y" in found
     assert "cycle: a -> b -> a" in found
+
+
+HEAVY = {"torch", "torchvision", "mpi4py", "h5py", "matplotlib"}
+
+
+def heavy_on_import(mods: dict) -> set:
+    """The hpcdd modules whose import loads torch, MPI, h5py or matplotlib (directly or through others)."""
+    direct = {name: set().union(*[targets(name, path, node, mods) for node in ast.parse(open(path).read()).body
+                                  if isinstance(node, (ast.Import, ast.ImportFrom))])
+              for name, path in mods.items()}
+    heavy = {name for name, imps in direct.items() if imps & HEAVY}
+    while True:
+        more = {name for name, imps in direct.items() if name not in heavy and imps & heavy}
+        if not more:
+            return heavy
+        heavy |= more
+
+
+def test_function_level_imports_only_keep_light_modules_light():
+    """A function imports an hpcdd module only where a module-level import would load torch, MPI, h5py or
+    matplotlib into a module that does without them (``hpcdd-run --help``, the config, the report's
+    reading side); every other import is at module level, where it is seen at once."""
+    mods = modules()
+    heavy = heavy_on_import(mods)
+    assert "hpcdd.training.engine" in heavy and "hpcdd.config" not in heavy and "hpcdd.run" not in heavy
+    needless = []
+    for name, path in mods.items():
+        for fn in ast.walk(ast.parse(open(path).read())):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(fn):
+                    if isinstance(node, (ast.Import, ast.ImportFrom)):
+                        inner = targets(name, path, node, mods) & set(mods)
+                        if inner and (name in heavy or not inner & heavy):
+                            needless.append(f"{os.path.relpath(path, ROOT)}:{node.lineno} imports {sorted(inner)}")
+    assert needless == []

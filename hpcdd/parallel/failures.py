@@ -12,6 +12,7 @@ import traceback
 from typing import TYPE_CHECKING
 
 from ..errors import EXIT_USER_ERROR
+from ..layout import RunLayout
 
 if TYPE_CHECKING:
     from .world import World
@@ -67,8 +68,6 @@ print(msg, file=sys.stderr, flush=True)
 
 
 def failure_marker(run_dir: str) -> str:
-    from ..layout import RunLayout
-
     return RunLayout(run_dir).failed
 
 
@@ -150,7 +149,6 @@ def interrupted(world: World | None, run_dir: str | None) -> None:
     """Ctrl-C (SIGINT to mpiexec reaches every rank): one line from rank 0, exit 130."""
     message = ("hpcdd: interrupted (SIGINT); checkpoints written so far are kept"
                + (f": continue with --resume {run_dir}" if run_dir and os.path.isdir(run_dir) else ""))
-    from ..layout import RunLayout
 
     has_run = bool(run_dir) and os.path.isdir(RunLayout(run_dir).progress)
     if world is None or world.is_root:
@@ -202,8 +200,6 @@ def record_failure(run_dir: str, message: str) -> bool:
 
 
 def _give_up_reserve(run_dir: str) -> None:
-    from ..layout import RunLayout
-
     try:
         os.unlink(RunLayout(run_dir).reserve)
     except OSError:

@@ -15,10 +15,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from .. import __version__
 from ..errors import AgreedError, UserError
 from . import collectives
 from .collectives import Group
 from .device import select_device
+from .failures import orderly_exit, record_failure
 from .launcher import WorldInfo, check_slurm_size, node_cores, world_info
 from .ownership import Ownership, ownership
 
@@ -105,8 +107,6 @@ class World:
     def abort(self, code: int, message: str = "") -> None:
         """End every rank: record why in RUN/FAILED first, so the ranks MPI_Abort takes down with
         this one are not reported as the cause by their watchers."""
-        from .failures import orderly_exit, record_failure
-
         if self.run_dir:
             record_failure(self.run_dir, message)
         orderly_exit()
@@ -122,8 +122,6 @@ def software(with_mpi: bool = True) -> dict:
     import mpi4py
     import numpy
     import torch
-
-    from .. import __version__
 
     out = {"hpcdd": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
            "mpi4py": mpi4py.__version__, "python": platform.python_version()}

@@ -21,6 +21,7 @@ from ..metrics import scores
 from ..models import count_parameters
 from ..parallel.collectives import bcast_array
 from ..parallel.launcher import oversubscribed
+from ..parallel.preemption import Preempted
 from ..training.engine import TrainingCheckpoint
 from ..training.fit import Fit, fit, group_logits
 from ..training.rng import stream_of
@@ -37,8 +38,6 @@ def on_root(ctx, work, meanwhile=None):
     """``work()`` on rank 0 while the other ranks run ``meanwhile()`` (if given) and then wait without
     spinning; a stop on any rank during it stops every rank (rank 0 checkpoints first). Returns rank
     0's result there, ``meanwhile()``'s elsewhere."""
-    from ..parallel.preemption import Preempted
-
     result, stopped = None, False
     if ctx.world.is_root:
         try:

@@ -20,7 +20,10 @@ from ..fused import load_state_dicts, shape_groups
 from ..layout import RunLayout
 from ..manifest import Manifest
 from ..parallel.collectives import gather_outputs
+from ..parallel.preemption import Preempted
 from ..parallel.world import World
+from ..progress import forward_flops
+from ..training.acceleration import wants_compile
 
 
 @dataclass
@@ -111,8 +114,6 @@ class RunContext:
 
     def sync(self) -> None:
         """The end of a phase's parallel work: every rank meets here, then all agree whether to stop."""
-        from ..parallel.preemption import Preempted
-
         self.world.idle_barrier()
         if self.stop is not None and self.stop.agree():
             raise Preempted(synced=True)
@@ -149,8 +150,6 @@ class RunContext:
         rank's part of a minibatch) from which it extrapolates the run's ETA."""
         flops = 0.0
         if self.world.is_root and self.progress.plan is not None:
-            from ..progress import forward_flops
-
             m = self.manifest
             flops = share * sum(forward_flops(model, (m.channels,) + m.subimage_shape(i)) for i, model in models.items())
         self.progress.start_training(label, epochs, left, flops)
@@ -158,8 +157,6 @@ class RunContext:
 
     def first_step_note(self) -> str:
         """What a training's first step holds besides the step, for the log."""
-        from ..training.acceleration import wants_compile
-
         return " (includes torch.compile's compilation)" if wants_compile(self.cfg.performance.compile, self.device)[0] \
             else ""
 

@@ -1,11 +1,10 @@
 """Report phase: rank 0 writes the paper's comparison (``hpcdd.report``) and exports the CNN-DNN."""
 
 from __future__ import annotations
+from ..report import write_report
 
 
 def run(ctx) -> None:
-    from ..report import write_report
-
     if ctx.world.is_root:
         write_report(ctx)
     ctx.world.barrier()

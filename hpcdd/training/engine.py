@@ -22,7 +22,9 @@ import torch
 
 from .. import atomic
 from ..errors import UserError
+from ..parallel.preemption import Preempted
 from ..parallel.watchdog import slow_step
+from . import acceleration
 
 
 class TrainingDiverged(UserError):
@@ -32,13 +34,11 @@ class TrainingDiverged(UserError):
 def make_optimizer(params, t):
     """``t``: any config with optimizer, lr, momentum, weight_decay (TrainConfig, DNNConfig); fused
     kernels unless ``performance.fused_optimizer`` is off (``acceleration.configure``)."""
-    from .acceleration import optimizer
-
     if t.optimizer == "sgd":
-        return optimizer(torch.optim.SGD, params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
-                         nesterov=t.momentum > 0)
-    return optimizer(torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam, params, lr=t.lr,
-                     weight_decay=t.weight_decay)
+        return acceleration.optimizer(torch.optim.SGD, params, lr=t.lr, momentum=t.momentum,
+                                      weight_decay=t.weight_decay, nesterov=t.momentum > 0)
+    return acceleration.optimizer(torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam, params, lr=t.lr,
+                                  weight_decay=t.weight_decay)
 
 
 def make_scheduler(optimizer, t):
@@ -288,8 +288,6 @@ def resume(loop: Loop, device):
 def train(loop: Loop, states: list, device) -> list:
     """Run the remaining epochs of ``states`` (one per member); raise ``Preempted`` after
     checkpointing on a stop."""
-    from ..parallel.preemption import Preempted
-
     shape = (loop.members,)
     if any(s.best is None for s in states):
         weights = loop.weights()

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ..augmentation import augmentation
+from ..data import MemberData
+from ..metrics import scores
 from ..parallel.collectives import Group
 from ..parallel.ownership import slice_rows
 from ..parallel.watchdog import alive
@@ -47,8 +49,6 @@ def logits_of(model, data, device, batch_size: int, rows: np.ndarray | None = No
 def group_logits(groups: dict, data: dict, device, batch_size: int, rows: np.ndarray | None = None) -> dict:
     """Subdomain -> (n, K) logits over ``rows`` of its split (``data[i]``), from ``groups``: a tuple of
     subdomains -> the module that computes them (one local CNN, or a fused model of several)."""
-    from ..data import MemberData
-
     out = {}
     for group, model in groups.items():
         if len(group) == 1:
@@ -74,8 +74,6 @@ def test_scores(model, data, device, batch_size: int, group: Group = Group()) ->
     """``test`` (the accuracy, as ``accuracy_of`` counts it) and hpcdd.metrics.scores of a split, each
     worker of ``group`` computing a slice: the slices' logits are summed into one (n, K) array (zeros
     elsewhere: exact), one Allreduce of n x K floats."""
-    from ..metrics import scores
-
     n = len(data)
     rows = np.arange(n)[slice_rows(n, group.size, group.rank)]
     mine = logits_of(model, data, device, batch_size, rows)
