@@ -131,7 +131,7 @@ class Ranks:
                 raise UserError(f"rank {source} (host {self.hosts[source]}) sent nothing for {self.timeout:.0f} s "
                                 f"(--timeout); stopped the whole preparation")
             time.sleep(pause)
-            pause = min(pause * 2, 0.05)
+            pause = min(pause * 2, 0.005)  # a peer that waits on rank 0 writing a chunk is on within 5 ms
 
 
 def launched_tasks(env) -> int:

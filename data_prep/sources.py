@@ -509,9 +509,11 @@ def _decode_pil(path: str, data: bytes, size, channels: int) -> np.ndarray:
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
-def _decode_many(paths: list[str], size, channels: int, what: str, decoder: str = "torchvision", window=None):
-    """Worker task: "pixels" -> (n, C, H, W) (volumes: (n, 1, D, H, W)); "hashes" -> content ids; "check"
-    -> (ids, -1 where the file cannot be decoded, messages)."""
+def _decode_many(paths: list[str], size, channels: int, what: str, decoder: str = "torchvision", window=None,
+                 into: np.ndarray | None = None):
+    """Worker task: "pixels" -> (n, C, H, W) (volumes: (n, 1, D, H, W)), written into ``into`` when given
+    (decoding in place: no list of images and no second copy of the chunk); "hashes" -> content ids;
+    "check" -> (ids, -1 where the file cannot be decoded, messages)."""
     if decoder in ("torchvision", "nifti"):
         import torch
 
@@ -520,6 +522,14 @@ def _decode_many(paths: list[str], size, channels: int, what: str, decoder: str 
     def decode(p):
         return decode_volume(p, size, window) if decoder == "nifti" else decode_image_file(p, size, channels, decoder)
 
+    if what == "pixels" and into is not None:
+        for j, p in enumerate(paths):
+            a = decode(p)
+            if a.shape != into.shape[1:]:
+                raise UserError(f"{p}: an image of size {a.shape[1:]}, the others {into.shape[2:]}; give --size H W "
+                                f"to resize them")
+            into[j] = a
+        return into
     if what == "pixels":
         out = [decode(p) for p in paths]
         shapes = {a.shape for a in out}
@@ -548,12 +558,14 @@ class Decoder:
         self.window = window  # NIfTI volumes: the intensity window (library "nifti")
         self.stop_check = lambda: None  # called while waiting for the workers: raises to stop (data_prep.cli)
 
-    def map(self, paths: list[str], size, channels: int, what: str) -> list:
+    def map(self, paths: list[str], size, channels: int, what: str, into: np.ndarray | None = None) -> list:
+        """Each part's result, in order; "pixels" with ``into``: written there (as the parts arrive)."""
         pieces = max(1, min(len(paths), 4 * self.workers))
         bounds = np.linspace(0, len(paths), pieces + 1).astype(int)
-        parts = [paths[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        parts = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         if self.workers == 1 or len(parts) == 1:
-            return [_decode_many(p, size, channels, what, self.library, self.window) for p in parts]
+            return [_decode_many(paths[a:b], size, channels, what, self.library, self.window,
+                                 None if into is None else into[a:b]) for a, b in parts]
         if self._pool is None:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
@@ -563,12 +575,22 @@ class Decoder:
                                              initializer=_quiet_worker)
         from concurrent.futures import FIRST_EXCEPTION, wait
 
-        futures = [self._pool.submit(_decode_many, p, size, channels, what, self.library, self.window) for p in parts]
+        futures = [self._pool.submit(_decode_many, paths[a:b], size, channels, what, self.library, self.window)
+                   for a, b in parts]
         while not wait(futures, timeout=0.1, return_when=FIRST_EXCEPTION).not_done == set():
             self.stop_check()  # a SIGTERM whose exception Python dropped (in a fork or weakref callback)
             if any(f.done() and f.exception() is not None for f in futures):
                 break
-        return [f.result() for f in futures]
+        if into is None:
+            return [f.result() for f in futures]
+        for k, (a, b) in enumerate(parts):
+            part = futures[k].result()
+            if part.shape[1:] != into.shape[1:]:
+                raise UserError(f"{paths[a]}: images of size {part.shape[2:]}, the others {into.shape[2:]}; give "
+                                f"--size H W to resize them")
+            into[a:b] = part
+            futures[k] = part = None  # the part is in ``into``: let it go before the next arrives
+        return [into]
 
     def close(self, abandon: bool = False) -> None:
         if self._pool is None:
@@ -602,7 +624,9 @@ class FolderImages(Images):
         super().__init__(len(files), (channels,) + tuple(size), dtype, self._decode, files)
 
     def _decode(self, rows) -> np.ndarray:
-        return np.concatenate(self.decoder.map([self.files[i] for i in rows], self.size, self.channels, "pixels"))
+        out = np.empty((len(rows),) + self.item_shape, self.dtype)
+        self.decoder.map([self.files[i] for i in rows], self.size, self.channels, "pixels", into=out)
+        return out
 
     def hashes(self, rows) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
