@@ -300,6 +300,8 @@ def test_a_running_run_is_locked(small_data, tmp_path):
         wait_for(proc, lambda: os.path.exists(os.path.join(run, "LOCK")) and rank_pids(run))
         owner = json.load(open(os.path.join(run, "LOCK")))
         assert owner["pid"] == rank_pids(run)[0], owner
+        for pid in rank_pids(run).values():  # alive but held: the run cannot end (and release its lock) on
+            os.kill(pid, signal.SIGSTOP)     # a loaded machine before the second hpcdd-run has started
         for args in (["--resume", run], ["--data", small_data, "--out", run, "--force"]):
             second = run_python(["-m", "hpcdd.run", *args], timeout=120)
             lines = [ln for ln in second.stderr.splitlines() if ln.strip()]
