@@ -41,9 +41,6 @@ def train_group(ctx, group: list, left: int) -> list:
     model = ctx.models.group(group)
     label = f"subdomain {group[0]}" if alone else "subdomains " + ", ".join(map(str, group))
 
-    def each(make):
-        return [make(i) for i in group]
-
     def data(split):
         flip = split == "train" and cfg.local.augment_flip
         parts = [ctx.data(i, split, mirrored=flip) for i in group]
@@ -53,9 +50,9 @@ def train_group(ctx, group: list, left: int) -> list:
     states = fit(model, Fit(
         name=f"local {label}", train=data("train"), val=data("val"), t=cfg.local, stream=streams[0],
         device=ctx.device, eval_batch=cfg.eval_batch_size, group=ctx.world.replicas,
-        checkpoint=each(layout.local_checkpoint), writer=own.replica == 0,
-        on_epoch=each(lambda i: ctx.epoch_logger("local", f"subdomain {i}")),
-        on_resume=each(lambda i: ctx.resume_logger("local", write_event=False, subdomain=i)),
+        checkpoint=[layout.local_checkpoint(i) for i in group], writer=own.replica == 0,
+        on_epoch=[ctx.epoch_logger("local", f"subdomain {i}") for i in group],
+        on_resume=[ctx.resume_logger("local", write_event=False, subdomain=i) for i in group],
         stop=ctx.stop_independent(),
         on_step=ctx.training(label, cfg.local.epochs, flops_of, left=left, share=1 / own.replicas)))
     ctx.progress.end_training()
