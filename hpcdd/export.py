@@ -20,7 +20,7 @@ MODEL_VERSION = 1
 
 def choose(rows: list) -> dict | None:
     """The CNN-DNN row with the best validation accuracy (the first such row on a tie)."""
-    options = [r for r in rows if r["method"] == "CNN-DNN" or r["method"].startswith("coherent")]
+    options = [r for r in rows if r.get("cnn_dnn")]
     return max(options, key=lambda r: r["val"]) if options else None
 
 
@@ -29,7 +29,7 @@ def write(ctx, rows: list) -> dict | None:
     row = choose(rows)
     if row is None:
         return None
-    local_path, dnn_path = ctx.layout.local_models_of(row["method"])
+    local_path, dnn_path = ctx.layout.cnn_dnn(row["cnn_dnn"])
     m, cfg = ctx.manifest, ctx.cfg
     meta = {
         "format": MODEL_FORMAT, "version": MODEL_VERSION, "tool": f"hpcdd {__version__}", "method": row["method"],

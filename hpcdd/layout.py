@@ -88,9 +88,9 @@ class RunLayout:
     global_model = _at("global", "model.pt")
     global_checkpoint = _at("global", "model.ckpt.pt")
 
-    def local_models_of(self, method: str) -> tuple[callable, str]:
-        """(subdomain -> local CNN file, DNN file) of a CNN-DNN row of the report."""
-        if method == "CNN-DNN":
+    def cnn_dnn(self, where: list) -> tuple[callable, str]:
+        """(subdomain -> local CNN file, DNN file) of a CNN-DNN the report's row places at ``where``
+        (its ``cnn_dnn``): ["aggregate"] or ["coherent", strategy]."""
+        if where[0] == "aggregate":
             return self.local_model, self.dnn
-        strategy = method.split("(")[1].rstrip(")")
-        return (lambda i: self.coherent_local(strategy, i)), self.coherent_dnn(strategy)
+        return (lambda i: self.coherent_local(where[1], i)), self.coherent_dnn(where[1])

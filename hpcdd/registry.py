@@ -43,10 +43,16 @@ class Phase:
     summary: str  # one line for the log at its start
     cost: Callable = lambda cfg, work: 0.0  # (config, Work) -> forward FLOPs of the busiest rank, or None
     trainings: Callable = _none  # config -> (key, TrainConfig) of each training, checked before any starts
-    decomposed: bool = True  # its trainings see subimages (a flip needs a grid that mirrors)
+    decomposed: bool = True  # its trainings see subimages (a flip needs a grid that mirrors); False: the baseline
+    reported: bool = False  # its module's rows(results) makes rows of the report's table (hpcdd.table)
 
     def function(self):
         return importlib.import_module(f"hpcdd.phases.{self.module}").run
+
+    def rows(self, results) -> list:
+        """This phase's rows of the report's table, from what the run's phases wrote (hpcdd.table)."""
+        return importlib.import_module(f"hpcdd.phases.{self.module}").rows(results) if self.reported else []
+
 
 
 REGISTRY = (
@@ -55,16 +61,22 @@ REGISTRY = (
           trainings=lambda cfg: (("local", cfg.local),)),
     Phase("aggregate", "aggregate", lambda cfg: ("local",),
           "local outputs gathered at rank 0, which trains the DNN and scores average and vote",
-          cost=lambda cfg, w: w.n_all * w.local),
+          cost=lambda cfg, w: w.n_all * w.local, reported=True),
     Phase("coherent", "coherent",
           lambda cfg: ("local", "aggregate") if "transfer" in cfg.coherent.strategies else (),
           "the whole CNN-DNN trained end to end, model-parallel",
           cost=lambda cfg, w: sum(w.training(getattr(cfg.coherent, s).epochs, w.local) for s in cfg.coherent.strategies),
-          trainings=lambda cfg: (("coherent.scratch", cfg.coherent.scratch), ("coherent.transfer", cfg.coherent.transfer))),
+          trainings=lambda cfg: (("coherent.scratch", cfg.coherent.scratch), ("coherent.transfer", cfg.coherent.transfer)),
+          reported=True),
     Phase("global", "global_cnn", _none, "the global CNN baseline, data-parallel over all ranks",
           cost=lambda cfg, w: None if w.global_ is None else w.training(cfg.global_.epochs, w.global_),
-          trainings=lambda cfg: (("global", cfg.global_),), decomposed=False),
+          trainings=lambda cfg: (("global", cfg.global_),), decomposed=False, reported=True),
     Phase("report", "report", _none, "results.json, results.md, plots and the exported CNN-DNN"),
 )
 PHASES = tuple(p.name for p in REGISTRY)
 BY_NAME = {p.name: p for p in REGISTRY}
+
+
+def table_rows(results) -> list:
+    """Every phase's rows, the baseline's first, then the decomposed methods' in phase order."""
+    return [r for p in sorted(REGISTRY, key=lambda p: p.decomposed) for r in p.rows(results)]

@@ -23,6 +23,8 @@ from .manifest import load_manifest
 from .metrics import imbalanced
 from .parallel.ownership import ownership
 from .progress import training_flops
+from .registry import table_rows
+from .table import SCORES, PhaseResults
 
 
 def _maybe(path: str):
@@ -30,52 +32,16 @@ def _maybe(path: str):
 
 
 def collect(ctx) -> dict:
-    """Everything the phases measured, as one dict (the body of results.json)."""
-    cfg, m, layout = ctx.cfg, ctx.manifest, ctx.layout
-    local = _maybe(layout.result("local"))
-    agg = _maybe(layout.result("aggregate"))
-    glob = _maybe(layout.result("global"))
-    coherent = {s: _maybe(layout.result("coherent", s)) for s in cfg.coherent.strategies}
-    rows = []
-    local_params = sum(s["parameters"] for s in local["subdomains"]) if local else None
-    local_wall = local["wall_seconds"] if local else None
-    agg_wall = agg["dnn"]["wall_seconds"] if agg else None  # the whole aggregate phase (rank 0), not the DNN alone
-    decomposed = (local_wall + agg_wall) if local and agg else None
-
-    def row(method, val, test, params, wall, epochs, scored=None, **extra):
-        more = {k: scored[k] for k in SCORES if scored and k in scored}
-        rows.append(dict(method=method, val=val, test=test, **more, parameters=params, train_seconds=wall,
-                         seconds_per_epoch=(wall / epochs if wall is not None and epochs else None), **extra))
-
-    def spread(values):
-        return [min(values), float(np.mean(values)), max(values)] if None not in values else None
-
-    if glob:
-        row("global CNN", glob["val"], glob["test"], glob["parameters"], glob["wall_seconds"], glob["epochs"],
-            glob, best_epoch=glob["best_epoch"])
-    if agg:
-        lv = [r["val"] for r in agg["local"]]
-        lt = [r["test"] for r in agg["local"]]
-        each = [s["parameters"] for s in local["subdomains"]]
-        local_scores = {k: spread([r.get(k) for r in agg["local"]]) for k in SCORES if k in agg["local"][0]}
-        row("local CNNs (min / mean / max)", [min(lv), float(np.mean(lv)), max(lv)],
-            [min(lt), float(np.mean(lt)), max(lt)], each, local_wall, cfg.local.epochs, local_scores)
-        meth = agg["methods"]
-        row("average probability", meth["average"]["val"], meth["average"]["test"], local_params, decomposed, None,
-            meth["average"])
-        row("majority vote", meth["vote"]["val"], meth["vote"]["test"], local_params, decomposed, None, meth["vote"])
-        row("CNN-DNN", meth["dnn"]["val"], meth["dnn"]["test"], local_params + agg["dnn"]["parameters"],
-            decomposed, None, meth["dnn"], aggregate_seconds=agg_wall,
-            dnn_seconds=agg.get("seconds", {}).get("dnn"))
-    for strategy, res in coherent.items():
-        if res:
-            params = local_params + agg["dnn"]["parameters"] if agg else None
-            row(f"coherent CNN-DNN ({strategy})", res["val"], res["test"], params, res["train_seconds"],
-                res["epochs"], res, comm_seconds=res["comm_seconds"], initial_val=res["initial_val"],
-                best_epoch=res["best_epoch"])
+    """Everything the phases measured, as one dict (the body of results.json): each phase's rows of the
+    table (``hpcdd.table``) and the comparison of the decomposed pipeline with the global CNN."""
+    cfg, m = ctx.cfg, ctx.manifest
+    results = PhaseResults(cfg, ctx.layout)
+    glob, agg = results.of("global"), results.of("aggregate")
+    coherent = {s: results.of("coherent", s) for s in cfg.coherent.strategies}
+    decomposed = results.decomposed_seconds
     speedup = (glob["wall_seconds"] / decomposed) if glob and decomposed else None
     reach = time_to_accuracy(glob, agg, coherent, decomposed) if glob else None
-    efficiency = flop_efficiency(ctx, speedup) if glob and local else {}
+    efficiency = flop_efficiency(ctx, speedup) if glob and results.of("local") else {}
     return {
         "tool": f"hpcdd {__version__}",
         "dataset": m.dataset, "grid": list(m.grid), "overlap": m.overlap, "image_shape": list(m.image_shape),
@@ -83,7 +49,7 @@ def collect(ctx) -> dict:
         "device": str(ctx.world.device), "model_family": cfg.model.family,
         "epochs": {"local": cfg.local.epochs, "dnn": cfg.dnn.epochs, "global": cfg.global_.epochs,
                    **{f"coherent_{s}": getattr(cfg.coherent, s).epochs for s in cfg.coherent.strategies}},
-        "rows": rows,
+        "rows": table_rows(results),
         "test_class_counts": test_class_counts(m),
         "decomposed_seconds": decomposed,
         "global_seconds": glob["wall_seconds"] if glob else None,
@@ -94,7 +60,6 @@ def collect(ctx) -> dict:
     }
 
 
-SCORES = ("test_balanced", "test_auc")
 REACH_MARGIN = 0.005  # time to the global CNN's best validation accuracy minus half a point
 
 

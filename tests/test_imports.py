@@ -20,7 +20,7 @@ LAYERS = (
                     "hpcdd.training", "hpcdd.training.rng", "hpcdd.training.acceleration"}),
     ("concepts, data, training, plumbing", {
         "hpcdd.config", "hpcdd.data", "hpcdd.models", "hpcdd.fused", "hpcdd.aggregators", "hpcdd.coherent",
-        "hpcdd.events", "hpcdd.progress", "hpcdd.export", "hpcdd.factory",
+        "hpcdd.events", "hpcdd.progress", "hpcdd.export", "hpcdd.factory", "hpcdd.table",
         "hpcdd.training.fit", "hpcdd.training.engine",
         "hpcdd.parallel.world", "hpcdd.parallel.preemption", "hpcdd.parallel.failures"}),
     ("phases and report", {"hpcdd.phases", "hpcdd.phases.context", "hpcdd.phases.local", "hpcdd.phases.aggregate",

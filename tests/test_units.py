@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from hpcdd import atomic
 from hpcdd.aggregators import DNN, average, vote
 from hpcdd.config import ModelConfig, build_config, load_toml
 from hpcdd.errors import UserError
@@ -391,3 +392,34 @@ def test_the_registry_prices_and_lists_each_phases_trainings():
     trainings = [(p.decomposed, name) for p in REGISTRY for name, _ in p.trainings(cfg)]
     assert trainings == [(True, "local"), (True, "coherent.scratch"), (True, "coherent.transfer"), (False, "global")]
     assert all(f"{name}.epochs" in keys for _, name in trainings)
+
+
+def test_the_report_table_is_made_by_the_phases_baseline_first(tmp_path):
+    """Each reported phase makes its own rows from what the run wrote; the baseline's come first; rows
+    are selected by key, and a CNN-DNN row says where its models are (what the export reads)."""
+    from hpcdd.layout import RunLayout
+    from hpcdd.registry import table_rows
+    from hpcdd.table import PhaseResults
+
+    layout = RunLayout(str(tmp_path))
+    hist = [{"epoch": 1, "seconds": 2.0, "val_acc": 0.5}]
+    written = {("local",): {"wall_seconds": 10.0, "subdomains": [{"parameters": 5}, {"parameters": 7}]},
+               ("aggregate",): {"wall_seconds": 2.0, "dnn": {"parameters": 3}, "seconds": {"dnn": 1.5},
+                                "local": [{"val": 0.4, "test": 0.3}, {"val": 0.6, "test": 0.5}],
+                                "methods": {k: {"val": 0.7, "test": 0.6} for k in ("average", "vote", "dnn")}},
+               ("coherent", "transfer"): {"val": 0.8, "test": 0.75, "train_seconds": 4.0, "epochs": 2,
+                                          "comm_seconds": 0.1, "initial_val": 0.7, "best_epoch": 2, "history": hist},
+               ("global",): {"val": 0.9, "test": 0.85, "parameters": 40, "wall_seconds": 30.0, "epochs": 3,
+                             "best_epoch": 3, "history": hist}}
+    for where, body in written.items():
+        os.makedirs(os.path.dirname(layout.result(*where)), exist_ok=True)
+        atomic.write_json(body, layout.result(*where))
+    cfg = build_config({"coherent": {"strategies": ["scratch", "transfer"]}, "local": {"epochs": 5}}, {})
+    rows = table_rows(PhaseResults(cfg, layout))
+    assert [r["key"] for r in rows] == ["global", "local", "average", "vote", "dnn", "coherent_transfer"]
+    by = {r["key"]: r for r in rows}
+    assert by["local"]["val"] == [0.4, 0.5, 0.6] and by["local"]["seconds_per_epoch"] == 2.0
+    assert by["average"]["train_seconds"] == 12.0 and by["dnn"]["parameters"] == 15
+    assert by["coherent_transfer"]["parameters"] == 15 and by["global"]["seconds_per_epoch"] == 10.0
+    assert [r.get("cnn_dnn") for r in rows if r.get("cnn_dnn")] == [["aggregate"], ["coherent", "transfer"]]
+    assert layout.cnn_dnn(["coherent", "transfer"])[1] == layout.coherent_dnn("transfer")

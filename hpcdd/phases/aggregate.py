@@ -22,6 +22,7 @@ from ..models import count_parameters
 from ..parallel.collectives import bcast_array
 from ..parallel.launcher import oversubscribed
 from ..parallel.preemption import Preempted
+from ..table import SCORES, row
 from ..training.engine import TrainingCheckpoint
 from ..training.fit import Fit, fit, group_logits
 from ..training.rng import stream_of
@@ -151,11 +152,11 @@ def run(ctx) -> None:
             for i in range(m.n):
                 record(results["local"][i], s, probs[:, i].argmax(1), y, probs[:, i])
         results["test_class_counts"] = np.bincount(labels["test"].numpy(), minlength=m.k).tolist()
-        info["wall_seconds"] = time.perf_counter() - t0
         results["dnn"] = info
+        results["wall_seconds"] = time.perf_counter() - t0  # the whole phase; the DNN's own: seconds["dnn"]
         # where the phase's time goes (rank 0): the local CNNs' inference per split, waiting for the
         # other ranks' outputs, the DNN's training while the other ranks wait, the rest
-        seconds["total"] = info["wall_seconds"]
+        seconds["total"] = results["wall_seconds"]
         seconds["other"] = seconds["total"] - sum(seconds["inference"].values()) - sum(seconds["gather"].values()) \
             - seconds["dnn"]
         results["seconds"] = seconds
@@ -172,6 +173,32 @@ def run(ctx) -> None:
                 f"{min(x['test'] for x in r['local']):.4f}..{max(x['test'] for x in r['local']):.4f}")
     ctx.sync()
     ctx.mark_done("aggregate")
+
+
+def rows(results) -> list:
+    """The report's rows of this phase: the local CNNs (scored here, on every split), average, vote
+    and the CNN-DNN, all at the cost of local + aggregate."""
+    agg, local = results.of("aggregate"), results.of("local")
+    if not agg or not local:
+        return []
+
+    def spread(values):
+        return [min(values), float(np.mean(values)), max(values)] if None not in values else None
+
+    each = agg["local"]
+    scored = {k: spread([r.get(k) for r in each]) for k in SCORES if k in each[0]}
+    meth, params, wall = agg["methods"], results.local_parameters, results.decomposed_seconds
+    return [
+        row("local", "local CNNs (min / mean / max)", spread([r["val"] for r in each]),
+            spread([r["test"] for r in each]), [s["parameters"] for s in local["subdomains"]], local["wall_seconds"],
+            results.cfg.local.epochs, scored),
+        row("average", "average probability", meth["average"]["val"], meth["average"]["test"], params, wall,
+            scored=meth["average"]),
+        row("vote", "majority vote", meth["vote"]["val"], meth["vote"]["test"], params, wall, scored=meth["vote"]),
+        row("dnn", "CNN-DNN", meth["dnn"]["val"], meth["dnn"]["test"], results.cnn_dnn_parameters, wall,
+            scored=meth["dnn"], cnn_dnn=["aggregate"], aggregate_seconds=results.aggregate_seconds,
+            dnn_seconds=agg.get("seconds", {}).get("dnn")),
+    ]
 
 
 def flatten_state(state: dict) -> np.ndarray:

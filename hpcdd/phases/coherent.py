@@ -21,6 +21,7 @@ from ..coherent import DistributedCoherent
 from ..errors import UserError
 from ..metrics import scores
 from ..parallel.ownership import slice_rows
+from ..table import row
 from ..training.engine import Loop, TrainingCheckpoint, TrainState, make_optimizer, make_scheduler, run_loop, snapshot
 from ..training.fit import buffers_of
 from ..training.rng import stream_of
@@ -174,3 +175,17 @@ def run(ctx) -> None:
         train_coherent(ctx, strategy, getattr(ctx.cfg.coherent, strategy))
         ctx.mark_done(key, wall_seconds=time.perf_counter() - t0)
     ctx.mark_done("coherent")
+
+
+def rows(results) -> list:
+    """The report's row of each coherent strategy: its own phase's time (transfer starts from the
+    trained local CNNs and DNN)."""
+    out = []
+    for strategy in results.cfg.coherent.strategies:
+        res = results.of("coherent", strategy)
+        if res:
+            out.append(row(f"coherent_{strategy}", f"coherent CNN-DNN ({strategy})", res["val"], res["test"],
+                           results.cnn_dnn_parameters, res["train_seconds"], res["epochs"], res,
+                           cnn_dnn=["coherent", strategy], comm_seconds=res["comm_seconds"],
+                           initial_val=res["initial_val"], best_epoch=res["best_epoch"]))
+    return out

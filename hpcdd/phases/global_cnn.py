@@ -8,6 +8,7 @@ import time
 
 from .. import atomic
 from ..models import count_parameters
+from ..table import row
 from ..training.engine import TrainingCheckpoint
 from ..training.fit import Fit, fit, test_scores
 from ..training.rng import stream_of
@@ -49,3 +50,10 @@ def run(ctx) -> None:
         TrainingCheckpoint(layout.global_checkpoint).discard()
     ctx.data.release(None)
     ctx.mark_done("global")
+
+
+def rows(results) -> list:
+    """The report's baseline row."""
+    glob = results.of("global")
+    return [row("global", "global CNN", glob["val"], glob["test"], glob["parameters"], glob["wall_seconds"],
+                glob["epochs"], glob, best_epoch=glob["best_epoch"])] if glob else []
