@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from hpcdd.config import TrainConfig
 from hpcdd.errors import UserError
 from hpcdd.parallel.preemption import Preempted
-from hpcdd.training.engine import Loop, make_optimizer, make_scheduler, run_loop
+from hpcdd.training.engine import Checkpoints, Hooks, Loop, Trained, make_optimizer, make_scheduler, run_loop
 from hpcdd.training.rng import stream_of
 
 N, D, K = 96, 8, 3
@@ -44,11 +44,12 @@ def tiny(path=None, stop=None, agree=None, epochs=3):
         with torch.no_grad():
             return float((model(xv).argmax(1) == yv).float().mean())
 
+    trained = Trained(weights=lambda: [{"model": model.state_dict()}],
+                      load_weights=lambda w: model.load_state_dict(w[0]["model"]), optimizer=opt,
+                      scheduler=make_scheduler(opt, t), set_train=model.train)
     loop = Loop(name="tiny", epochs=epochs, batches=lambda epoch: stream.batches(epoch, N, t.batch_size), step=step,
-                evaluate=evaluate, weights=lambda: [{"model": model.state_dict()}],
-                load_weights=lambda w: model.load_state_dict(w[0]["model"]), optimizer=opt,
-                scheduler=make_scheduler(opt, t), set_train=model.train, checkpoint=[path] if path else None, stop=stop,
-                agree=agree)
+                evaluate=evaluate, trained=trained, hooks=Hooks(stop=stop),
+                checkpoints=Checkpoints([path], agree=agree) if path else None)
     return loop, model
 
 
@@ -114,7 +115,7 @@ def test_with_per_rank_checkpoints_a_torn_one_falls_back_to_the_point_every_rank
         f.truncate(os.path.getsize(path) // 2)
     epochs_seen = []
     loop, _ = tiny(path, agree=agree)
-    loop.on_resume = [lambda state: epochs_seen.append((state.epoch, state.step))]
+    loop.hooks.on_resume = [lambda state: epochs_seen.append((state.epoch, state.step))]
     again, = run_loop(loop, "cpu")
     assert asked[-1] == [(2, 0)] and epochs_seen == [(2, 0)]  # the torn (3, 0) is not a point this rank holds
     assert [e["epoch"] for e in again.history] == [1, 2, 3]
@@ -143,13 +144,13 @@ def test_a_training_checkpoint_tells_its_points_and_weights_and_is_discarded_who
 
 
 def test_a_checkpoint_interval_skips_epoch_checkpoints_and_the_resume_replays_exactly(tmp_path):
-    """With ``checkpoint_interval`` longer than the training, the first and the last epochs write one;
+    """With ``Checkpoints.interval`` longer than the training, the first and the last epochs write one;
     a crash in epoch 3 resumes from epoch 1 and replays epoch 2 to the uninterrupted bits."""
     loop, model = tiny()
     whole, = run_loop(loop, "cpu")
     path = str(tmp_path / "ckpt.pt")
     loop, _ = tiny(path)
-    loop.checkpoint_interval = 3600.0
+    loop.checkpoints.interval = 3600.0
     step = loop.step
 
     def crash_in_epoch_3(epoch, i, rows):
@@ -162,9 +163,9 @@ def test_a_checkpoint_interval_skips_epoch_checkpoints_and_the_resume_replays_ex
         run_loop(loop, "cpu")
     assert torch.load(path, weights_only=True)["state"]["epoch"] == 1  # epoch 2's was skipped
     loop, resumed_model = tiny(path)
-    loop.checkpoint_interval = 3600.0
+    loop.checkpoints.interval = 3600.0
     points = []
-    loop.on_resume = [lambda state: points.append(state.epoch)]
+    loop.hooks.on_resume = [lambda state: points.append(state.epoch)]
     resumed, = run_loop(loop, "cpu")
     assert points == [1] and same(resumed_model.state_dict(), model.state_dict())
     assert same(resumed.best["model"], whole.best["model"])

@@ -22,7 +22,8 @@ from ..errors import UserError
 from ..metrics import scores
 from ..parallel.ownership import slice_rows
 from ..table import row
-from ..training.engine import Loop, TrainingCheckpoint, TrainState, make_optimizer, make_scheduler, run_loop, snapshot
+from ..training.engine import (Checkpoints, Hooks, Loop, Trained, TrainingCheckpoint, TrainState, make_optimizer,
+                               make_scheduler, run_loop, snapshot)
 from ..training.fit import buffers_of
 from ..training.rng import stream_of
 
@@ -130,19 +131,20 @@ def train_coherent(ctx, strategy: str, t) -> None:
                 f"communication {event['comm_seconds']:.1f} s)")
 
     ckpt = layout.coherent_checkpoint(strategy, world.rank)
-    loop = Loop(
-        name=f"coherent {strategy}", epochs=t.epochs, batches=batches, step=step,
-        evaluate=lambda: coherent_accuracy(ctx, model, "val"), weights=lambda: [weights_of(model)],
-        load_weights=lambda w: load_weights(model, w[0]), optimizer=opt, scheduler=make_scheduler(opt, t),
-        set_train=model.train, checkpoint=[ckpt],
+    trained = Trained(weights=lambda: [weights_of(model)], load_weights=lambda w: load_weights(model, w[0]), optimizer=opt,
+                      scheduler=make_scheduler(opt, t), set_train=model.train)
+    hooks = Hooks(
+        stop=ctx.stop_collective(), on_epoch=[on_epoch], on_resume=[ctx.resume_logger("coherent", strategy=strategy)],
+        on_step=ctx.training(f"coherent {strategy}", t.epochs, {i: ctx.models.plain_local(i) for i in own.subdomains}
+                             if world.is_root else {}, share=1 / own.replicas),
         end_epoch=(lambda: world.replicas.mean_([b for m in model.local_modules() for b in buffers_of(m)]))
         if own.replicas > 1 else None,
-        stop=ctx.stop_collective(), on_epoch=[on_epoch], on_resume=[ctx.resume_logger("coherent", strategy=strategy)],
         event_extra=lambda: {"comm_seconds": model.comm_time,
-                             "comm_bytes_per_step": model.comm_bytes / max(model.comm_steps, 1)}, check_every=1 if str(device) == "cpu" else 25,
-        agree=lambda points: common_point(world, points),
-        on_step=ctx.training(f"coherent {strategy}", t.epochs, {i: ctx.models.plain_local(i) for i in own.subdomains}
-                             if world.is_root else {}, share=1 / own.replicas))
+                             "comm_bytes_per_step": model.comm_bytes / max(model.comm_steps, 1)})
+    loop = Loop(name=f"coherent {strategy}", epochs=t.epochs, batches=batches, step=step,
+                evaluate=lambda: coherent_accuracy(ctx, model, "val"), trained=trained, hooks=hooks,
+                checkpoints=Checkpoints([ckpt], agree=lambda points: common_point(world, points)),
+                check_every=1 if str(device) == "cpu" else 25)
     world.checked(lambda: check_groups(ckpt, model))
     state, = run_loop(loop, device, start)
     ctx.progress.end_training()

@@ -4,7 +4,7 @@ The local CNNs, the global CNN, the DNN and the coherent CNN-DNN differ only in 
 does, how validation is scored and which weights are kept; a ``Loop`` names those, and ``train``
 does the rest the same way for all four: resume from a checkpoint at any step boundary, poll the
 preemption flag before every step, refuse a non-finite loss, step the schedule, keep the best
-weights on validation, checkpoint every epoch or every ``checkpoint_interval`` seconds (and at a
+weights on validation, checkpoint every epoch or every ``Checkpoints.interval`` seconds (and at a
 preemption step), report each epoch.
 See docs/architecture.md, "Training engine".
 """
@@ -103,49 +103,72 @@ class TrainState:
 
 
 @dataclass
-class Loop:
-    """What differs between trainers; ``train`` does the rest."""
+class Trained:
+    """What a loop trains and what its checkpoints hold of it: the weights of its members (one model,
+    or the members of a fused model, hpcdd/fused.py), optimizer, schedule, and what one data-parallel
+    worker holds alone mid-epoch. Every per-member value is a list, also for one member;
+    ``optimizer_states``/``load_optimizer_states`` convert the optimizer's state to and from the
+    members' (default: the optimizer's own, one member), so each member's checkpoint is the one it
+    would have written alone."""
 
-    name: str  # in messages, e.g. "local subdomain 3"
-    epochs: int
-    batches: Callable[[int], list]  # epoch -> minibatches (arrays of sample rows), the same on every worker
-    step: Callable  # (epoch, step, rows) -> (summed loss of this worker's rows (tensor), correct (tensor), rows)
-    evaluate: Callable[[], float]  # validation accuracy, the same on every worker
     weights: Callable[[], list]  # the current weights: one dict (nested state dicts) per member
     load_weights: Callable[[list], None]
     optimizer: object
     scheduler: object
     set_train: Callable[[bool], None]
-    checkpoint: list | None = None  # one path per member
-    checkpoint_interval: float = 0.0  # seconds between epoch-end checkpoints (0: every epoch; the first, the
-    # last and a stop always write one; a resume from an older one replays the epochs since, bit for bit)
-    writer: bool = True  # this worker writes the checkpoint
-    reduce: Callable | None = None  # np.ndarray -> its sum over the data-parallel workers
-    end_epoch: Callable[[], None] | None = None  # e.g. average BatchNorm buffers over replicas
-    stop: Callable[[], bool] | None = None  # polled before every step (preemption)
-    on_epoch: list | None = None  # one callback(event dict) per member
-    on_resume: list | None = None  # one callback(TrainState) per member
-    on_step: Callable[[int, int, int, int], None] | None = None  # (epoch, step, steps, minibatch rows): progress
-    agree: Callable[[list], tuple | None] | None = None  # per-rank checkpoints: (epoch, step) every rank holds
-    event_extra: Callable[[], dict] | None = None  # more fields for each epoch's event (e.g. communication time)
-    check_every: int = 1  # steps between finiteness checks (a GPU sync each)
-    workers: object = None  # data-parallel Group whose workers each hold part of a mid-epoch state
-    worker_state: Callable[[], dict] | None = None  # what one worker holds alone (e.g. its BatchNorm buffers)
-    load_worker_state: Callable[[dict], None] | None = None
-    # The models trained together: one, or the members of a fused model (hpcdd/fused.py). Every per-member
-    # value is a list, also for one: ``step`` returns per-member loss and correct counts (a scalar counts as
-    # one member's), ``evaluate`` per-member accuracies; ``optimizer_states``/``load_optimizer_states``
-    # convert the optimizer's state to and from the members' (default: the optimizer's own, one member), so
-    # each member's checkpoint is the one it would have written alone; ``train`` takes and returns one
-    # TrainState per member.
     members: int = 1
     optimizer_states: Callable[[], list] | None = None
     load_optimizer_states: Callable[[list], None] | None = None
+    worker_state: Callable[[], dict] | None = None  # what one worker holds alone (e.g. its BatchNorm buffers)
+    load_worker_state: Callable[[dict], None] | None = None
 
     def __post_init__(self):
         if self.optimizer_states is None:
             self.optimizer_states = lambda: [self.optimizer.state_dict()]
             self.load_optimizer_states = lambda states: self.optimizer.load_state_dict(states[0])
+
+
+@dataclass
+class Checkpoints:
+    """Where and when a loop checkpoints: one path per member; every epoch, or every ``interval``
+    seconds (the first, the last and a stop always write one; a resume from an older one replays the
+    epochs since, bit for bit)."""
+
+    paths: list
+    interval: float = 0.0
+    writer: bool = True  # this worker writes them
+    agree: Callable[[list], tuple | None] | None = None  # per-rank checkpoints: (epoch, step) every rank holds
+
+
+@dataclass
+class Hooks:
+    """What a trainer is told, and may add, along the way (each optional)."""
+
+    stop: Callable[[], bool] | None = None  # polled before every step (preemption)
+    on_step: Callable[[int, int, int, int], None] | None = None  # (epoch, step, steps, minibatch rows): progress
+    on_epoch: list | None = None  # one callback(event dict) per member
+    on_resume: list | None = None  # one callback(TrainState) per member
+    end_epoch: Callable[[], None] | None = None  # e.g. average BatchNorm buffers over replicas
+    event_extra: Callable[[], dict] | None = None  # more fields for each epoch's event (e.g. communication time)
+
+
+@dataclass
+class Loop:
+    """What differs between trainers; ``train`` does the rest: the minibatches of an epoch, one step,
+    validation, what is trained (``Trained``), the hooks, where it checkpoints, its data-parallel
+    workers."""
+
+    name: str  # in messages, e.g. "local subdomain 3"
+    epochs: int
+    batches: Callable[[int], list]  # epoch -> minibatches (arrays of sample rows), the same on every worker
+    step: Callable  # (epoch, step, rows) -> (summed loss of this worker's rows (tensor), correct (tensor), rows),
+    # per member for a fused model (a scalar counts as one member's)
+    evaluate: Callable[[], object]  # validation accuracy (per member), the same on every worker
+    trained: Trained
+    hooks: Hooks = field(default_factory=Hooks)
+    checkpoints: Checkpoints | None = None
+    workers: object = None  # data-parallel Group: stats summed over it, each worker holds part of a mid-epoch state
+    check_every: int = 1  # steps between finiteness checks (a GPU sync each)
 
 
 def _data_parallel(loop: Loop) -> bool:
@@ -160,21 +183,21 @@ def _save(loop: Loop, states: list) -> None:
     Mid-epoch (a preemption) the data-parallel workers differ in their own accumulators and
     BatchNorm statistics: the writer saves every worker's (a collective), so the resumed epoch ends
     exactly as the uninterrupted one. A fused loop writes each member's checkpoint."""
-    if not loop.checkpoint:
+    if loop.checkpoints is None:
         return
     state = states[0]
     workers = None
     if _data_parallel(loop) and state.partial is not None:
-        mine = dict(loop.worker_state() if loop.worker_state is not None else {}, partial=state.partial)
+        mine = dict(loop.trained.worker_state() if loop.trained.worker_state is not None else {}, partial=state.partial)
         workers = loop.workers.gather_obj(mine)
-    if not loop.writer:
+    if not loop.checkpoints.writer:
         return
-    weights = loop.weights()
-    optimizers = loop.optimizer_states()
-    shared = {"scheduler": loop.scheduler.state_dict(), "rng": rng_state()}  # the same for every member
+    weights = loop.trained.weights()
+    optimizers = loop.trained.optimizer_states()
+    shared = {"scheduler": loop.trained.scheduler.state_dict(), "rng": rng_state()}  # the same for every member
     for m, member in enumerate(states):
-        path = loop.checkpoint[m]
-        if (loop.agree is not None or loop.members > 1) and os.path.exists(path):
+        path = loop.checkpoints.paths[m]
+        if (loop.checkpoints.agree is not None or loop.trained.members > 1) and os.path.exists(path):
             os.replace(path, path + ".prev")
         saved = {"optimizer": optimizers[m], **shared, "weights": weights[m],
                  "state": member.state_dict()}
@@ -189,12 +212,12 @@ def _load_worker(loop: Loop, saved: dict, state: TrainState) -> None:
     if workers is None or not _data_parallel(loop):
         return
     if len(workers) != loop.workers.size:
-        raise UserError(f"{loop.checkpoint[0]}: stopped mid-epoch with {len(workers)} data-parallel workers for "
+        raise UserError(f"{loop.checkpoints.paths[0]}: stopped mid-epoch with {len(workers)} data-parallel workers for "
                         f"{loop.name}, now {loop.workers.size}; resume with the ranks the run had")
     mine = workers[loop.workers.rank]
     state.partial = mine["partial"]
-    if loop.load_worker_state is not None:
-        loop.load_worker_state(mine)
+    if loop.trained.load_worker_state is not None:
+        loop.trained.load_worker_state(mine)
 
 
 class TrainingCheckpoint:
@@ -256,31 +279,31 @@ def point_of(saved: dict) -> tuple:
 
 
 def resume(loop: Loop, device):
-    """The training state of ``loop.checkpoint`` loaded into the loop's models and optimizer, if any
+    """The training state of ``loop.checkpoints`` loaded into the loop's models and optimizer, if any
     (one state per member, from the newest point every member's checkpoints hold)."""
-    if not loop.checkpoint:
+    if loop.checkpoints is None:
         return None
-    alone = loop.agree is None and loop.members == 1
-    helds = [TrainingCheckpoint(p).held(device, current_only=alone) for p in loop.checkpoint]
-    if loop.agree is not None:
-        point = loop.agree(sorted(helds[0]))  # collective: the newest point every rank holds, or None
+    alone = loop.checkpoints.agree is None and loop.trained.members == 1
+    helds = [TrainingCheckpoint(p).held(device, current_only=alone) for p in loop.checkpoints.paths]
+    if loop.checkpoints.agree is not None:
+        point = loop.checkpoints.agree(sorted(helds[0]))  # collective: the newest point every rank holds, or None
     else:  # the newest point every member holds (a stop between two members' writes leaves the older one)
         common = set.intersection(*(set(h) for h in helds))
         point = max(common) if common else None
     if point is None:
         return None
     saved = [h[point] for h in helds]
-    loop.load_optimizer_states([s["optimizer"] for s in saved])
-    loop.load_weights([s["weights"] for s in saved])
-    loop.scheduler.load_state_dict(saved[0]["scheduler"])
+    loop.trained.load_optimizer_states([s["optimizer"] for s in saved])
+    loop.trained.load_weights([s["weights"] for s in saved])
+    loop.trained.scheduler.load_state_dict(saved[0]["scheduler"])
     set_rng_state(saved[0]["rng"])
     states = []
     for m, one in enumerate(saved):
         state = TrainState()
         state.load_state_dict(one["state"])
         _load_worker(loop, one, state)
-        if loop.on_resume is not None:
-            loop.on_resume[m](state)
+        if loop.hooks.on_resume is not None:
+            loop.hooks.on_resume[m](state)
         states.append(state)
     return states
 
@@ -288,19 +311,19 @@ def resume(loop: Loop, device):
 def train(loop: Loop, states: list, device) -> list:
     """Run the remaining epochs of ``states`` (one per member); raise ``Preempted`` after
     checkpointing on a stop."""
-    shape = (loop.members,)
+    shape = (loop.trained.members,)
     if any(s.best is None for s in states):
-        weights = loop.weights()
+        weights = loop.trained.weights()
         for m, s in enumerate(states):
             s.best = snapshot(weights[m]) if s.best is None else s.best
     start = states[0].epoch
-    if loop.members > 1 and start == 0 and states[0].step == 0 and states[0].partial is None:
+    if loop.trained.members > 1 and start == 0 and states[0].step == 0 and states[0].partial is None:
         # every member holds the starting point, so a kill between two members' first writes leaves a
         # point all of them hold (the start) and the group resumes fused, as it would have run
         _save(loop, states)
     last_save = -math.inf
     for epoch in range(start, loop.epochs):
-        loop.set_train(True)
+        loop.trained.set_train(True)
         batches = loop.batches(epoch)
         loss_sum = torch.zeros(shape, dtype=torch.float64, device=device)
         correct = torch.zeros(shape, dtype=torch.float64, device=device)
@@ -314,7 +337,7 @@ def train(loop: Loop, states: list, device) -> list:
                 s.partial, s.step = None, 0
         t0 = time.perf_counter()
         for step in range(first, len(batches)):
-            if loop.stop is not None and loop.stop():
+            if loop.hooks.stop is not None and loop.hooks.stop():
                 flat_loss, flat_correct = loss_sum.cpu().reshape(-1), correct.cpu().reshape(-1)
                 for m, s in enumerate(states):
                     s.epoch, s.step = epoch, step
@@ -335,25 +358,25 @@ def train(loop: Loop, states: list, device) -> list:
             loss_sum += step_loss.detach().double()
             correct += step_correct.detach().double()
             seen += rows
-            if loop.on_step is not None:
-                loop.on_step(epoch, step, len(batches), len(batches[step]))
+            if loop.hooks.on_step is not None:
+                loop.hooks.on_step(epoch, step, len(batches), len(batches[step]))
             if (step + 1) % loop.check_every == 0 or step == len(batches) - 1:
                 value = float(loss_sum.sum())
                 if not math.isfinite(value):
                     raise TrainingDiverged(
                         f"{loop.name}: the training loss became {value} in epoch {epoch + 1}, by step {step + 1}; "
                         f"lower the learning rate or check the data (checkpoints of earlier epochs are kept)")
-        lr = float(loop.optimizer.param_groups[0]["lr"])  # the rate this epoch trained at, before the step
-        loop.scheduler.step()
-        if loop.end_epoch is not None:
-            loop.end_epoch()
+        lr = float(loop.trained.optimizer.param_groups[0]["lr"])  # the rate this epoch trained at, before the step
+        loop.trained.scheduler.step()
+        if loop.hooks.end_epoch is not None:
+            loop.hooks.end_epoch()
         seconds = done_seconds + time.perf_counter() - t0
         vals = np.asarray(loop.evaluate(), dtype=np.float64).reshape(-1)
         stats = np.stack([loss_sum.cpu().reshape(-1).numpy(), correct.cpu().reshape(-1).numpy(),
                           np.full(len(states), seen)], 1).astype(np.float64)  # (members, 3)
-        if loop.reduce is not None:
-            stats = loop.reduce(stats)
-        extra = loop.event_extra() if loop.event_extra is not None else {}
+        if _data_parallel(loop):
+            stats = loop.workers.sum(stats)
+        extra = loop.hooks.event_extra() if loop.hooks.event_extra is not None else {}
         weights = None
         for m, s in enumerate(states):
             # members trained together: each is charged its share of the time, so a rank's
@@ -368,14 +391,15 @@ def train(loop: Loop, states: list, device) -> list:
             s.images += int(stats[m, 2])
             s.epoch = epoch + 1
             if vals[m] > s.best_val:
-                weights = loop.weights() if weights is None else weights
+                weights = loop.trained.weights() if weights is None else weights
                 s.best_val, s.best_epoch, s.best = float(vals[m]), epoch + 1, snapshot(weights[m])
-        if epoch + 1 == loop.epochs or time.perf_counter() - last_save >= loop.checkpoint_interval:
+        if loop.checkpoints is not None and (epoch + 1 == loop.epochs
+                                             or time.perf_counter() - last_save >= loop.checkpoints.interval):
             _save(loop, states)
             last_save = time.perf_counter()
-        if loop.on_epoch is not None:
+        if loop.hooks.on_epoch is not None:
             for m, s in enumerate(states):
-                loop.on_epoch[m](s.history[-1])
+                loop.hooks.on_epoch[m](s.history[-1])
     return states
 
 
@@ -384,5 +408,5 @@ def run_loop(loop: Loop, device, start: Callable[[], list] | None = None) -> lis
     member); the trained states, one per member."""
     states = resume(loop, device)
     if states is None:
-        states = start() if start is not None else [TrainState() for _ in range(loop.members)]
+        states = start() if start is not None else [TrainState() for _ in range(loop.trained.members)]
     return train(loop, states, device)

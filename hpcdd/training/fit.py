@@ -21,7 +21,7 @@ from ..parallel.collectives import Group
 from ..parallel.ownership import slice_rows
 from ..parallel.watchdog import alive
 from .acceleration import autocast, full_precision
-from .engine import Loop, make_optimizer, make_scheduler, run_loop
+from .engine import Checkpoints, Hooks, Loop, Trained, make_optimizer, make_scheduler, run_loop
 from .rng import Stream, seed_torch
 
 
@@ -167,20 +167,20 @@ def fit(model, spec: Fit):
         total, out = train_step(model, opt, params, x, y, len(rows), group)
         return total, (out.detach().argmax(-1) == y).sum(0), len(mine)
 
-    loop = Loop(
-        name=spec.name, epochs=t.epochs, batches=batches, step=step,
-        evaluate=lambda: accuracy_of(model, spec.val, device, spec.eval_batch, group),
+    trained = Trained(
         weights=lambda: [{"model": w} for w in model.member_state_dicts()] if members > 1 else [{"model": model.state_dict()}],
         load_weights=(lambda w: model.load_member_state_dicts([m["model"] for m in w])) if members > 1
         else lambda w: model.load_state_dict(w[0]["model"]),
-        optimizer=opt, scheduler=make_scheduler(opt, t), set_train=model.train, checkpoint=spec.checkpoint,
-        checkpoint_interval=spec.checkpoint_interval,
-        writer=spec.writer, reduce=group.sum if group.size > 1 else None,
-        end_epoch=(lambda: group.mean_(buffers_of(model))) if group.size > 1 else None,
-        stop=spec.stop, on_epoch=spec.on_epoch, on_resume=spec.on_resume, on_step=spec.on_step,
-        check_every=1 if str(device) == "cpu" else 25, workers=group,
+        optimizer=opt, scheduler=make_scheduler(opt, t), set_train=model.train, members=members,
+        optimizer_states=(lambda: model.member_optimizer_states(opt.state_dict())) if members > 1 else None,
+        load_optimizer_states=(lambda states: model.load_member_optimizer_states(opt, states)) if members > 1 else None,
         worker_state=lambda: {"buffers": [b.detach().cpu().clone() for b in buffers_of(model)]},
-        load_worker_state=lambda mine: [b.copy_(v) for b, v in zip(buffers_of(model), mine["buffers"])],
-        members=members, optimizer_states=(lambda: model.member_optimizer_states(opt.state_dict())) if members > 1 else None,
-        load_optimizer_states=(lambda states: model.load_member_optimizer_states(opt, states)) if members > 1 else None)
+        load_worker_state=lambda mine: [b.copy_(v) for b, v in zip(buffers_of(model), mine["buffers"])])
+    hooks = Hooks(stop=spec.stop, on_step=spec.on_step, on_epoch=spec.on_epoch, on_resume=spec.on_resume,
+                  end_epoch=(lambda: group.mean_(buffers_of(model))) if group.size > 1 else None)
+    loop = Loop(
+        name=spec.name, epochs=t.epochs, batches=batches, step=step,
+        evaluate=lambda: accuracy_of(model, spec.val, device, spec.eval_batch, group), trained=trained, hooks=hooks,
+        checkpoints=Checkpoints(spec.checkpoint, spec.checkpoint_interval, spec.writer) if spec.checkpoint else None,
+        workers=group, check_every=1 if str(device) == "cpu" else 25)
     return run_loop(loop, device)
