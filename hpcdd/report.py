@@ -27,10 +27,6 @@ from .registry import table_rows
 from .table import SCORES, PhaseResults
 
 
-def _maybe(path: str):
-    return atomic.read_json(path) if os.path.exists(path) else None
-
-
 def collect(ctx) -> dict:
     """Everything the phases measured, as one dict (the body of results.json): each phase's rows of the
     table (``hpcdd.table``) and the comparison of the decomposed pipeline with the global CNN."""
@@ -242,16 +238,17 @@ def plots(ctx, results: dict) -> list[str]:
     plt.close(fig)
 
     curves = []
-    local = _maybe(ctx.layout.result("local"))
+    written_by = PhaseResults(ctx.cfg, ctx.layout)
+    local = written_by.of("local")
     for s in (local or {}).get("subdomains", []):
         ck = ctx.layout.local_model(s["subdomain"])
         if os.path.exists(ck):
             curves.append((f"local {s['subdomain']}", atomic.load(ck)["summary"]["history"], "local"))
     for strategy in ctx.cfg.coherent.strategies:
-        res = _maybe(ctx.layout.result("coherent", strategy))
+        res = written_by.of("coherent", strategy)
         if res:
             curves.append((f"coherent {strategy}", res["history"], "coherent"))
-    glob = _maybe(ctx.layout.result("global"))
+    glob = written_by.of("global")
     if glob:
         curves.append(("global CNN", glob["history"], "global"))
     if os.path.exists(ctx.layout.metrics):
