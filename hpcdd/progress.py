@@ -214,10 +214,11 @@ class Progress:
             return
         if self.interval <= 0 or now - self.last_print < self.interval:
             return
-        self.last_print = now
         everyone = [c] + (self._others() if self.phase == "local" else [])
         etas = [e for e in (self._eta(d) for d in everyone) if e is not None]
         phase_eta = max(etas) if etas else None
+        if phase_eta is not None:  # a line without an ETA yet (a training's first steps) is not the periodic one:
+            self.last_print = now  # the next step prints again, so a short training still shows its ETA
         rate = c["images"] / max(c["seconds"], 1e-9)
         parts = [f"{d['label']} epoch {d['epoch'] + 1}/{d['epochs']} step {d['step']}/{d['steps']}"
                  + (f" (rank {d['rank']})" if d["rank"] != self.world.rank else "") for d in everyone]
