@@ -27,11 +27,10 @@ from .registry import table_rows
 from .table import SCORES, PhaseResults
 
 
-def collect(ctx) -> dict:
+def collect(ctx, results: PhaseResults) -> dict:
     """Everything the phases measured, as one dict (the body of results.json): each phase's rows of the
     table (``hpcdd.table``) and the comparison of the decomposed pipeline with the global CNN."""
     cfg, m = ctx.cfg, ctx.manifest
-    results = PhaseResults(cfg, ctx.layout)
     glob, agg = results.of("global"), results.of("aggregate")
     coherent = {s: results.of("coherent", s) for s in cfg.coherent.strategies}
     decomposed = results.decomposed_seconds
@@ -214,7 +213,7 @@ def _pyplot():
     return plt
 
 
-def plots(ctx, results: dict) -> list[str]:
+def plots(ctx, results: dict, written_by: PhaseResults) -> list[str]:
     """Test accuracy per method, training curves per phase, one image with the grid drawn on it."""
     plt = extras.load("matplotlib", _pyplot)
     if plt is None:
@@ -238,7 +237,6 @@ def plots(ctx, results: dict) -> list[str]:
     plt.close(fig)
 
     curves = []
-    written_by = PhaseResults(ctx.cfg, ctx.layout)
     local = written_by.of("local")
     for s in (local or {}).get("subdomains", []):
         ck = ctx.layout.local_model(s["subdomain"])
@@ -320,11 +318,12 @@ def _save(fig, path: str) -> str:
 
 
 def write_report(ctx) -> dict:
-    results = collect(ctx)
+    written_by = PhaseResults(ctx.cfg, ctx.layout)  # each phase's result.json, read once for table and plots
+    results = collect(ctx, written_by)
     exported = export.write(ctx, results["rows"])
     results["exported_model"] = None if exported is None else {"path": "model.pt", "method": exported["method"],
                                                                "val": exported["val"]}
-    results["plots"] = [os.path.relpath(p, ctx.layout.root) for p in plots(ctx, results)]
+    results["plots"] = [os.path.relpath(p, ctx.layout.root) for p in plots(ctx, results, written_by)]
     results["skipped_extras"] = extras.skipped()  # after plots: matplotlib is imported there
     atomic.write_json(results, ctx.layout.results_json)
     text = markdown(results)
