@@ -92,7 +92,9 @@ class Ranks:
 
     def abort(self, code: int) -> None:
         if self.comm is not None and self.size > 1:
-            self.comm.Abort(code)
+            from hpcdd.parallel.failures import abort_every_rank
+
+            abort_every_rank(self.comm, code)
 
     def _collect(self, fn, rows, to_all: bool, join):
         try:

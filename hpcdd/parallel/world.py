@@ -20,7 +20,7 @@ from ..errors import AgreedError, UserError
 from . import collectives
 from .collectives import Group
 from .device import select_device
-from .failures import orderly_exit, record_failure
+from .failures import abort_every_rank, orderly_exit, record_failure
 from .launcher import WorldInfo, check_slurm_size, node_cores, world_info
 from .ownership import Ownership, ownership
 
@@ -113,7 +113,7 @@ class World:
         sys.stdout.flush()
         sys.stderr.flush()
         if self.comm is not None and self.size > 1:
-            self.comm.Abort(code)
+            abort_every_rank(self.comm, code)
         raise SystemExit(code)
 
 
