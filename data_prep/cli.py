@@ -15,7 +15,7 @@ import numpy as np
 from . import sources
 from .ranks import Ranks, init_ranks
 from .writer import (CHUNK_BYTES, DiskFull, Progress, Terminated, check_output, check_terminated, chunk_rows, chunks, terminate,
-                     write_dataset)
+                     wait_for_discard, write_dataset)
 
 
 def build_parser() -> OneLineParser:
@@ -88,6 +88,7 @@ def default_workers() -> int:
 
 # resident memory of one decoding process, measured on 112x112 PNGs (fork, as spawn): torchvision imports
 # torch (672 MB RSS, 516 MB PSS), PIL does not (28 MB); plus its share of a chunk of pixels
+DISCARD_WAIT = 5.0  # seconds a stopped rank waits for rank 0 to remove the partial output
 WORKER_MB = {"torchvision": 700, "pil": 60, "nifti": 700}  # nifti: nibabel and torch (resampling)
 
 
@@ -340,9 +341,10 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGINT, terminate)
     sys.unraisablehook = _quiet_stops
-    ranks = None
+    ranks = out = None
     try:
         args = build_parser().parse_args(argv)
+        out = getattr(args, "out", None)
         ranks = init_ranks(args.timeout if args.timeout > 0 else 600.0)
         run(argv, ranks)
     except AgreedError as e:  # every rank knows: rank 0 says it
@@ -360,15 +362,16 @@ def main(argv=None) -> int:
         fail(str(e))
     except (KeyboardInterrupt, Terminated) as e:
         code, what = (130, "interrupted") if isinstance(e, KeyboardInterrupt) else (143, "stopped by SIGTERM")
-        return stopped(ranks, code, what)
+        return stopped(ranks, code, what, out)
     return 0
 
 
-def stopped(ranks: Ranks | None, code: int, what: str) -> int:
-    """A signal ended the preparation (its output is already removed): rank 0 says so once. Under a
-    launcher every rank got the signal; a rank leaves at once, without MPI_Finalize, which would wait
-    for peers that may have stopped in the middle of a message. A second signal (mpirun forwards Ctrl-C
-    that the rank also got from the terminal) must not interrupt the leaving."""
+def stopped(ranks: Ranks | None, code: int, what: str, out: str | None) -> int:
+    """A signal ended the preparation (rank 0 removes its output): rank 0 says so once. Under a
+    launcher every rank got the signal; a rank leaves without MPI_Finalize, which would wait for peers
+    that may have stopped in the middle of a message, once rank 0's partial output is gone (bounded).
+    A second signal (mpirun forwards Ctrl-C that the rank also got from the terminal) must not
+    interrupt the leaving."""
     import signal
 
     for s in (signal.SIGINT, signal.SIGTERM):
@@ -376,6 +379,8 @@ def stopped(ranks: Ranks | None, code: int, what: str) -> int:
     if ranks is None or ranks.is_root:
         print(f"data_prep: {what}; nothing was written", file=sys.stderr, flush=True)
     if ranks is not None and ranks.size > 1:
+        if out and not ranks.is_root:
+            wait_for_discard(out, DISCARD_WAIT)
         sys.stdout.flush()
         os._exit(code)
     return code

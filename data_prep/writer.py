@@ -449,9 +449,14 @@ def take_ownership(tmp: str):
 def leftovers(out: str) -> list[str]:
     """Hidden folders an interrupted preparation of ``out`` left beside it (``.OUT.tmp-*`` of a writer
     that is gone, ``.OUT.old-*`` of a replacement cut short), which no live process writes."""
+    return _hidden_folders(out)[1]
+
+
+def _hidden_folders(out: str) -> tuple[list[str], list[str]]:
+    """``out``'s hidden folders: (written by a live process or too young to judge, left over)."""
     parent, base = os.path.dirname(os.path.abspath(out)), os.path.basename(os.path.abspath(out))
-    found = []
-    for name in sorted(os.listdir(parent)):
+    live, left = [], []
+    for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
         path = os.path.join(parent, name)
         if not (name.startswith(f".{base}.tmp-") or name.startswith(f".{base}.old-")) or not os.path.isdir(path):
             continue
@@ -459,15 +464,26 @@ def leftovers(out: str) -> list[str]:
             with open(os.path.join(path, OWNER)) as f:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken: its writer is gone
         except BlockingIOError:
-            continue  # a live preparation writes it
+            live.append(path)  # a live preparation writes it
+            continue
         except OSError:
             try:
                 if time.time() - os.stat(path).st_mtime < STALE_AFTER:
-                    continue  # no lock file (yet, or a replacement under way): judged by age
+                    live.append(path)  # no lock file (yet, or a replacement under way): judged by age
+                    continue
             except OSError:
                 continue
-        found.append(path)
-    return found
+        left.append(path)
+    return live, left
+
+
+def wait_for_discard(out: str, limit: float) -> None:
+    """Wait (at most ``limit`` s) until no live writer's hidden folder of ``out`` is left. A rank that
+    leaves on a stop waits here: MPICH's launcher kills every rank as soon as one exits, which cut
+    rank 0's removal of its partial output short (measured: a 0.3 s clean-up never finished)."""
+    deadline = time.monotonic() + limit
+    while _hidden_folders(out)[0] and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def remove_leftovers(out: str, say: bool) -> None:

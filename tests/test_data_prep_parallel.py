@@ -36,6 +36,12 @@ def manifest_of(out) -> dict:
     return m
 
 
+# two 28x28x3 images per chunk: the writing of a job the tests interrupt lasts about 10 s, well past the
+# second or two that mpirun takes to pass a signal on (with 8 images per chunk a loaded CI machine
+# finished the whole preparation before Open MPI's ranks got the SIGTERM)
+SLOW_CHUNK_MB = "0.005"
+
+
 @pytest.fixture(scope="module")
 def real_images(fashion_dir):
     """1,200 real Fashion-MNIST training images, 300 test images, with labels."""
@@ -186,7 +192,7 @@ def test_a_rank_that_dies_or_hangs_ends_the_job(tmp_path, folder, how):
     output folder appears and nothing left looks like a finished output (no manifest)."""
     out = tmp_path / "out"
     cmd = [mpiexec_path(), "-n", "2", sys.executable, "-m", "data_prep", "imagefolder", str(folder), str(out),
-           "--grid", "4x4", "--overlap", "2", "--workers", "1", "--chunk-mb", "0.02", "--timeout", "5", "--quiet"]
+           "--grid", "4x4", "--overlap", "2", "--workers", "1", "--chunk-mb", SLOW_CHUNK_MB, "--timeout", "5", "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_for_tests())
     t0 = time.time()
     pid = None
@@ -244,7 +250,7 @@ def test_a_signal_to_the_launcher_ends_every_rank(tmp_path, folder, launcher, si
         env.update({"MPI4PY_MPIABI": "openmpi", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
                     "OMPI_MCA_rmaps_base_oversubscribe": "1"})
     cmd = [*launch, "-n", "2", sys.executable, "-m", "data_prep", "imagefolder", str(folder), str(out), "--grid", "4x4",
-           "--overlap", "2", "--workers", str(workers), "--chunk-mb", "0.02", "--quiet"]
+           "--overlap", "2", "--workers", str(workers), "--chunk-mb", SLOW_CHUNK_MB, "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     t0 = time.time()
@@ -288,7 +294,7 @@ def test_a_killed_preparation_leaves_nothing_for_long(tmp_path, folder):
     the next preparation of the same OUT removes it and says so, but never one a live writer holds."""
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "data_prep", "imagefolder", str(folder), str(out), "--grid", "4x4", "--workers", "1",
-           "--chunk-mb", "0.02", "--quiet"]
+           "--chunk-mb", SLOW_CHUNK_MB, "--quiet"]
     live = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env_for_tests())
     t0 = time.time()
     while time.time() - t0 < 120 and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]:

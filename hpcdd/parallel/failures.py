@@ -140,8 +140,17 @@ def user_error_exit(world: World | None, message: str, collective: bool) -> None
         if world is None or world.is_root:
             print(f"error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USER_ERROR)
-    print(f"error: rank {world.rank}: {message}", file=sys.stderr, flush=True)
-    world.abort(EXIT_USER_ERROR, f"error: rank {world.rank}: {message}")
+    line = f"error: rank {world.rank}: {message}"
+    if said_first(world.run_dir, line):  # a rank that failed too in the moment before the abort stays silent
+        print(line, file=sys.stderr, flush=True)
+    world.abort(EXIT_USER_ERROR, line)
+
+
+def said_first(run_dir: str | None, message: str) -> bool:
+    """Record ``message`` as the run's failure; False only if another rank recorded one first."""
+    if not run_dir or record_failure(run_dir, message):
+        return True
+    return not os.path.exists(failure_marker(run_dir))
 
 
 
