@@ -14,7 +14,7 @@ import numpy as np
 
 from . import sources
 from .ranks import Ranks, init_ranks
-from .writer import (CHUNK_BYTES, DiskFull, Progress, Terminated, check_output, check_terminated, chunk_rows, chunks, terminate,
+from .writer import (CHUNK_BYTES, COMPLETE, DiskFull, Progress, Terminated, check_output, check_terminated, chunk_rows, chunks, terminate,
                      wait_for_discard, write_dataset)
 
 
@@ -377,7 +377,9 @@ def stopped(ranks: Ranks | None, code: int, what: str, out: str | None) -> int:
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
     if ranks is None or ranks.is_root:
-        print(f"data_prep: {what}; nothing was written", file=sys.stderr, flush=True)
+        done = out is not None and os.path.abspath(out) in COMPLETE  # the stop came after the last write
+        print(f"data_prep: {what} after {out} was complete; it is kept" if done else
+              f"data_prep: {what}; nothing was written", file=sys.stderr, flush=True)
     if ranks is not None and ranks.size > 1:
         if out and not ranks.is_root:
             wait_for_discard(out, DISCARD_WAIT)

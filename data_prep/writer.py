@@ -394,6 +394,7 @@ def write_dataset(source: Source, out: str, grid, overlap: int, margin: int, val
             check_terminated()
             os.unlink(os.path.join(tmp, OWNER))  # not part of the output; the lock holds until owner is closed
             _move_into_place(tmp, out, parent)
+            COMPLETE.add(os.path.abspath(out))
     except OSError as e:
         writing = files.writing if files else "the output folder"
         failed = re.search(r"filename = '([^']+)'", str(e))  # HDF5 reports a cached chunk's file late
@@ -433,6 +434,7 @@ def _discard(files, tmp, bar) -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
+COMPLETE: set[str] = set()  # outputs this process moved into place: a stop that comes later keeps them
 OWNER = ".owner"  # in a temporary output folder: locked (flock) by the process writing it
 STALE_AFTER = 3600.0  # seconds after which a temporary folder without a lock of its own is left over
 

@@ -477,3 +477,22 @@ def test_a_stop_dropped_by_python_still_stops_before_anything_is_written(tmp_pat
     finally:
         writer._SIGNALLED.clear()
     assert os.listdir(tmp_path) == []
+
+
+def test_a_stop_after_the_output_is_complete_keeps_it_and_says_so(tmp_path, fashion_dir, capsys):
+    """A signal that lands after the output was moved into place (while the ranks hear the manifest, or
+    the summary prints) must not say "nothing was written" over a complete, kept output."""
+    from data_prep.cli import run, stopped
+
+    out = tmp_path / "out"
+    run(["idx", fashion_dir, str(out), "--grid", "2x2", "--max-train", "500", "--max-test", "100", "--quiet"])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:  # stopped() ignores further signals while the process leaves
+        assert stopped(None, 130, "interrupted", str(out)) == 130
+        assert capsys.readouterr().err == f"data_prep: interrupted after {out} was complete; it is kept\n"
+        assert (out / "manifest.json").exists()
+        assert stopped(None, 143, "stopped by SIGTERM", str(tmp_path / "other")) == 143
+        assert capsys.readouterr().err == "data_prep: stopped by SIGTERM; nothing was written\n"
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
