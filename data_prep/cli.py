@@ -86,9 +86,9 @@ def default_workers() -> int:
     return max(1, cores // max(1, world_info(os.environ).local_size or 1))
 
 
+DISCARD_WAIT = 5.0  # seconds a stopped rank waits for rank 0 to remove the partial output
 # resident memory of one decoding process, measured on 112x112 PNGs (fork, as spawn): torchvision imports
 # torch (672 MB RSS, 516 MB PSS), PIL does not (28 MB); plus its share of a chunk of pixels
-DISCARD_WAIT = 5.0  # seconds a stopped rank waits for rank 0 to remove the partial output
 WORKER_MB = {"torchvision": 700, "pil": 60, "nifti": 700}  # nifti: nibabel and torch (resampling)
 
 

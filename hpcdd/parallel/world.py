@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import platform
-import sys
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -110,10 +109,8 @@ class World:
         if self.run_dir:
             record_failure(self.run_dir, message)
         orderly_exit()
-        sys.stdout.flush()
-        sys.stderr.flush()
         if self.comm is not None and self.size > 1:
-            abort_every_rank(self.comm, code)
+            abort_every_rank(self.comm, code)  # flushes this rank's output first
         raise SystemExit(code)
 
 
