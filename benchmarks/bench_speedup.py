@@ -97,9 +97,48 @@ def volumes(work: str, grid: str, source: str | None, train: int | None) -> str:
     return out
 
 
-def kernel_bound(run_dir: str, ranks: int, steps: int = 12) -> dict:
+class Stepper:
+    """One model's training step (forward, loss, backward, optimizer) on random inputs, timed in blocks."""
+
+    def __init__(self, model, shape, batch: int, classes: int, t, members: int = 1):
+        import torch
+
+        from hpcdd.training.engine import make_optimizer
+
+        self.model, self.batch, self.seconds, self.steps = model, batch, 0.0, 0
+        self.x = torch.randn(batch, *shape)
+        self.y = torch.randint(0, classes, (batch, members) if members > 1 else (batch,))
+        self.params = list(model.parameters())
+        self.opt = make_optimizer(self.params, t)
+        self.block(3)  # warm-up
+        self.seconds, self.steps = 0.0, 0
+
+    def block(self, steps: int) -> None:
+        from hpcdd.training.fit import train_step
+
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            train_step(self.model, self.opt, self.params, self.x, self.y, self.batch)
+        self.seconds += time.perf_counter() - t0
+        self.steps += steps
+
+    @property
+    def per_step(self) -> float:
+        return self.seconds / self.steps
+
+
+def interleaved(steppers: list, rounds: int = 5, steps: int = 12) -> None:
+    """Time every stepper in turn, ``rounds`` times: this machine's single-core speed drifts by 10-20 %
+    within seconds (blocks of 12 steps of one model: 23-31 ms a step), so models timed one after another
+    would each see a different machine; interleaved, each sees the same mix."""
+    for _ in range(rounds):
+        for s in steppers:
+            s.block(steps)
+
+
+def kernel_bound(run_dir: str, ranks: int) -> dict:
     """Seconds of one epoch's training steps (no data loading, no validation) of the global CNN on one
-    rank and of the busiest rank's local CNNs, each timed alone on one thread; their ratio."""
+    rank and of the busiest rank's local CNNs, each timed on one thread, interleaved; their ratio."""
     import torch
 
     from hpcdd.config import config_of_run
@@ -108,38 +147,26 @@ def kernel_bound(run_dir: str, ranks: int, steps: int = 12) -> dict:
     from hpcdd.manifest import load_manifest
     from hpcdd.parallel.ownership import ownership
     from hpcdd.training.acceleration import configure
-    from hpcdd.training.engine import make_optimizer
-    from hpcdd.training.fit import train_step
 
     cfg = config_of_run(run_dir)
     m = load_manifest(cfg.data)
     torch.set_num_threads(1)
     configure(cfg.performance)
     models = Models(cfg.model, cfg.dnn, m, cfg.seed, "cpu", cfg.performance)
-
-    def step_seconds(model, shape, batch: int, members: int = 1) -> float:
-        x = torch.randn(batch, *shape)
-        y = torch.randint(0, m.k, (batch, members) if members > 1 else (batch,))
-        params = list(model.parameters())
-        opt = make_optimizer(params, cfg.local)
-        for n in (3, steps):  # warm-up, then timed
-            t = time.perf_counter()
-            for _ in range(n):
-                train_step(model, opt, params, x, y, batch)
-        return (time.perf_counter() - t) / steps
-
     n = m.count("train")
     glob_batch = cfg.global_.batch_size
-    t_global = step_seconds(models.global_(), (m.channels,) + tuple(m.image_shape[1:]), -(-glob_batch // ranks)) \
-        * math.ceil(n / glob_batch) * cfg.global_.epochs
-    per_rank = []
+    glob = Stepper(models.global_(), (m.channels,) + tuple(m.image_shape[1:]), -(-glob_batch // ranks), m.k, cfg.global_)
+    ranks_groups = []
     for r in range(ranks):
         own = ownership(ranks, m.n, r)
-        seconds = 0.0
-        for group in shape_groups(models, list(own.subdomains), cfg.performance.fuse_local, "cpu", own.replicas):
-            shape = (m.channels * len(group),) + m.subimage_shape(group[0])
-            seconds += step_seconds(models.group(group), shape, cfg.local.batch_size, len(group)) / own.replicas
-        per_rank.append(seconds * math.ceil(n / cfg.local.batch_size) * cfg.local.epochs)
+        ranks_groups.append([(Stepper(models.group(group), (m.channels * len(group),) + m.subimage_shape(group[0]),
+                                      cfg.local.batch_size, m.k, cfg.local, len(group)), own.replicas)
+                             for group in shape_groups(models, list(own.subdomains), cfg.performance.fuse_local, "cpu",
+                                                       own.replicas)])
+    interleaved([glob] + [s for groups in ranks_groups for s, _ in groups])
+    t_global = glob.per_step * math.ceil(n / glob_batch) * cfg.global_.epochs
+    per_rank = [sum(s.per_step / replicas for s, replicas in groups) * math.ceil(n / cfg.local.batch_size)
+                * cfg.local.epochs for groups in ranks_groups]
     return {"global": t_global, "local": max(per_rank), "speedup": t_global / max(per_rank)}
 
 
