@@ -34,7 +34,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_speedup import Stepper  # noqa: E402
+from benchmarks.bench_speedup import Stepper, interleaved  # noqa: E402
 from benchmarks.common import prepared  # noqa: E402
 
 
@@ -134,20 +134,19 @@ def main() -> None:
                    m.k, cfg.global_)
 
     def stepper(mdl, shape, members, context=contextlib.nullcontext):
-        with context():
-            s = Stepper(mdl, shape, cfg.local.batch_size, m.k, cfg.local, members)
-        s.context = context
-        return s
+        return Stepper(mdl, shape, cfg.local.batch_size, m.k, cfg.local, members, context)
 
     def grouped(source, groups, context=contextlib.nullcontext):
         return [stepper(source.group(g), (m.channels * len(g),) + m.subimage_shape(g[0]), len(g), context)
                 for g in groups]
 
+    def no_onednn():
+        return torch.backends.mkldnn.flags(enabled=False)
+
     tries = {}
     for r in range(args.ranks):
         own = list(ownership(args.ranks, m.n, r).subdomains)
         hpcdd = shape_groups(models, own, cfg.performance.fuse_local, "cpu")
-        no_onednn = lambda: torch.backends.mkldnn.flags(enabled=False)  # noqa: E731
         per = {"hpcdd": grouped(models, hpcdd), "unfused": grouped(models, [[i] for i in own]),
                "oneDNN off": grouped(models, hpcdd, no_onednn), "channels_last off": grouped(nchw, hpcdd)}
         for name, masked in (("padded, unmasked", False), ("padded, masked", True)):
@@ -156,10 +155,7 @@ def main() -> None:
         for name, steppers in per.items():
             tries.setdefault(name, []).append(steppers)
     everything = [glob] + [s for ranks in tries.values() for steppers in ranks for s in steppers]
-    for _ in range(args.rounds):  # interleaved, as bench_speedup.interleaved, each in its own setting
-        for s in everything:
-            with getattr(s, "context", contextlib.nullcontext)():
-                s.block(12)
+    interleaved(everything, args.rounds)
     n = m.count("train")
     t_global = glob.per_step * math.ceil(n / cfg.global_.batch_size)
     base = None

@@ -27,6 +27,7 @@ kernel-bound is what the pipeline around them (aggregate phase, start-up, commun
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -98,14 +99,15 @@ def volumes(work: str, grid: str, source: str | None, train: int | None) -> str:
 
 
 class Stepper:
-    """One model's training step (forward, loss, backward, optimizer) on random inputs, timed in blocks."""
+    """One model's training step (forward, loss, backward, optimizer) on random inputs, timed in blocks,
+    each block inside ``context()`` (e.g. a backend switch; default none)."""
 
-    def __init__(self, model, shape, batch: int, classes: int, t, members: int = 1):
+    def __init__(self, model, shape, batch: int, classes: int, t, members: int = 1, context=contextlib.nullcontext):
         import torch
 
         from hpcdd.training.engine import make_optimizer
 
-        self.model, self.batch, self.seconds, self.steps = model, batch, 0.0, 0
+        self.model, self.batch, self.context, self.seconds, self.steps = model, batch, context, 0.0, 0
         self.x = torch.randn(batch, *shape)
         self.y = torch.randint(0, classes, (batch, members) if members > 1 else (batch,))
         self.params = list(model.parameters())
@@ -116,10 +118,11 @@ class Stepper:
     def block(self, steps: int) -> None:
         from hpcdd.training.fit import train_step
 
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            train_step(self.model, self.opt, self.params, self.x, self.y, self.batch)
-        self.seconds += time.perf_counter() - t0
+        with self.context():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                train_step(self.model, self.opt, self.params, self.x, self.y, self.batch)
+            self.seconds += time.perf_counter() - t0
         self.steps += steps
 
     @property
