@@ -17,9 +17,12 @@ from tests.helpers import ROOT, env_for_tests, mpiexec_path, prepare
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 
+# Minibatches of 16 give the local and the global CNN 68 steps each: a progress line needs 3 steps and
+# log_interval seconds since the phase began, and 9 global steps of 128 (0.1-0.2 s on a quiet machine)
+# could end before either (CI at 08a90be: no [global] line).
 ARGS = ["--threads", "1", "--set", "local.epochs=2", "--set", "dnn.epochs=20", "--set", "global.epochs=1",
         "--set", "coherent.scratch.epochs=1", "--set", "coherent.transfer.epochs=1", "--set", "model.widths=8,16,32",
-        "--set", "local.batch_size=16", "--set", "log_interval=0.2"]
+        "--set", "local.batch_size=16", "--set", "global.batch_size=16", "--set", "log_interval=0.2"]
 
 
 @pytest.fixture(scope="module")
