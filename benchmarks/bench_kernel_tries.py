@@ -34,7 +34,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_speedup import Stepper, interleaved  # noqa: E402
+from benchmarks.bench_speedup import Stepper, global_stepper, group_stepper, interleaved  # noqa: E402
 from benchmarks.common import prepared  # noqa: E402
 
 
@@ -130,15 +130,10 @@ def main() -> None:
     configure(cfg.performance)
     models = Models(cfg.model, cfg.dnn, m, cfg.seed, "cpu", cfg.performance)
     nchw = Models(cfg.model, cfg.dnn, m, cfg.seed, "cpu", dataclasses.replace(cfg.performance, channels_last="off"))
-    glob = Stepper(models.global_(), (m.channels,) + tuple(m.image_shape[1:]), -(-cfg.global_.batch_size // args.ranks),
-                   m.k, cfg.global_)
-
-    def stepper(mdl, shape, members, context=contextlib.nullcontext):
-        return Stepper(mdl, shape, cfg.local.batch_size, m.k, cfg.local, members, context)
+    glob = global_stepper(models, cfg, args.ranks)
 
     def grouped(source, groups, context=contextlib.nullcontext):
-        return [stepper(source.group(g), (m.channels * len(g),) + m.subimage_shape(g[0]), len(g), context)
-                for g in groups]
+        return [group_stepper(source, g, cfg, context) for g in groups]
 
     def no_onednn():
         return torch.backends.mkldnn.flags(enabled=False)
@@ -151,7 +146,7 @@ def main() -> None:
                "oneDNN off": grouped(models, hpcdd, no_onednn), "channels_last off": grouped(nchw, hpcdd)}
         for name, masked in (("padded, unmasked", False), ("padded, masked", True)):
             model, shape = padded_group(models, own, masked)
-            per[name] = [stepper(model, shape, len(own))]
+            per[name] = [Stepper(model, shape, cfg.local.batch_size, m.k, cfg.local, len(own))]
         for name, steppers in per.items():
             tries.setdefault(name, []).append(steppers)
     everything = [glob] + [s for ranks in tries.values() for steppers in ranks for s in steppers]

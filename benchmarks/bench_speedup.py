@@ -130,6 +130,20 @@ class Stepper:
         return self.seconds / self.steps
 
 
+def global_stepper(models, cfg, ranks: int) -> Stepper:
+    """The global CNN's step on one rank's share of a minibatch, as a run of ``ranks`` ranks trains it."""
+    m = models.manifest
+    return Stepper(models.global_(), (m.channels,) + tuple(m.image_shape[1:]), -(-cfg.global_.batch_size // ranks),
+                   m.k, cfg.global_)
+
+
+def group_stepper(models, group: list, cfg, context=contextlib.nullcontext) -> Stepper:
+    """The step of the local CNNs of ``group`` trained together (fused where the group has several)."""
+    m = models.manifest
+    return Stepper(models.group(group), (m.channels * len(group),) + m.subimage_shape(group[0]), cfg.local.batch_size,
+                   m.k, cfg.local, len(group), context)
+
+
 def interleaved(steppers: list, rounds: int = 5, steps: int = 12) -> None:
     """Time every stepper in turn, ``rounds`` times: this machine's single-core speed drifts by 10-20 %
     within seconds (blocks of 12 steps of one model: 23-31 ms a step), so models timed one after another
@@ -158,12 +172,11 @@ def kernel_bound(run_dir: str, ranks: int) -> dict:
     models = Models(cfg.model, cfg.dnn, m, cfg.seed, "cpu", cfg.performance)
     n = m.count("train")
     glob_batch = cfg.global_.batch_size
-    glob = Stepper(models.global_(), (m.channels,) + tuple(m.image_shape[1:]), -(-glob_batch // ranks), m.k, cfg.global_)
+    glob = global_stepper(models, cfg, ranks)
     ranks_groups = []
     for r in range(ranks):
         own = ownership(ranks, m.n, r)
-        ranks_groups.append([(Stepper(models.group(group), (m.channels * len(group),) + m.subimage_shape(group[0]),
-                                      cfg.local.batch_size, m.k, cfg.local, len(group)), own.replicas)
+        ranks_groups.append([(group_stepper(models, group, cfg), own.replicas)
                              for group in shape_groups(models, list(own.subdomains), cfg.performance.fuse_local, "cpu",
                                                        own.replicas)])
     interleaved([glob] + [s for groups in ranks_groups for s, _ in groups])
