@@ -1,5 +1,6 @@
 """Models, aggregators, configuration and counter-based randomness."""
 
+import glob
 import math
 import os
 import time
@@ -115,6 +116,15 @@ def test_bad_config_files(tmp_path):
     toml.write_text("[local\n")
     with pytest.raises(UserError, match="invalid TOML"):
         load_toml(str(toml))
+
+
+@pytest.mark.parametrize("recipe", sorted(glob.glob(os.path.join(ROOT, "docs", "*.toml"))), ids=os.path.basename)
+def test_the_documented_recipes_are_valid_configs(recipe):
+    """docs/ gives users recipes to pass as --config: a key renamed or a value the checks now refuse must
+    break here, not in a user's job. Each must change something, and what its comment runs must name it."""
+    cfg = build_config(load_toml(recipe), {}, recipe)
+    assert cfg != build_config({}, {})
+    assert f"--config docs/{os.path.basename(recipe)}" in open(recipe).read()
 
 
 @pytest.mark.parametrize("argv", [["--epochs", "10", "--set", "coherent.transfer.epochs=5"],
