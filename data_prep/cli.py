@@ -348,9 +348,7 @@ def main(argv=None) -> int:
         ranks = init_ranks(args.timeout if args.timeout > 0 else 600.0)
         run(argv, ranks)
     except AgreedError as e:  # every rank knows: rank 0 says it
-        if ranks is not None and not ranks.is_root:
-            return 2
-        fail(str(e))
+        fail(None if ranks is not None and not ranks.is_root else str(e))
     except UserError as e:  # this rank alone: say it and end the others
         if ranks is not None and ranks.size > 1:
             print(f"error: rank {ranks.rank}: {e}", file=sys.stderr, flush=True)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from .errors import EXIT_USER_ERROR, UserError
+from .errors import UserError, fail
 from .parallel.launcher import world_info
 
 
@@ -43,6 +42,4 @@ class OneLineParser(argparse.ArgumentParser):
         """Every rank of a launcher parses the same arguments and fails the same way: rank 0 says it."""
         import os
 
-        if world_info(os.environ).rank == 0:
-            print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_USER_ERROR)
+        fail(f"{self.prog}: {message} (see --help)" if world_info(os.environ).rank == 0 else None)

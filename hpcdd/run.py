@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from .atomic import disk_full
 from .cli_util import OneLineParser, count
 from .config import PHASES, Config, build_config, config_of_run, load_toml, parse_override, to_toml
-from .errors import EXIT_USER_ERROR, AgreedError, UserError
+from .errors import AgreedError, UserError, fail
 from .parallel.failures import (interrupted, mpi_init_begins, mpi_init_done, report_failure, start_death_watch,
                                 user_error_exit)
 from .parallel.launcher import world_info
@@ -108,9 +107,7 @@ def main(argv=None) -> int:
     except UserError as e:
         collective = world is None or ctx is None or isinstance(e, AgreedError)
         if world is None:
-            if env_rank() == 0:
-                print(f"error: {e}", file=sys.stderr, flush=True)
-            raise SystemExit(EXIT_USER_ERROR)
+            fail(str(e) if env_rank() == 0 else None)
         user_error_exit(world, str(e), collective)
     except SystemExit:
         raise

@@ -450,3 +450,23 @@ def test_the_report_table_is_made_by_the_phases_baseline_first(tmp_path):
     assert by["coherent_transfer"]["parameters"] == 15 and by["global"]["seconds_per_epoch"] == 10.0
     assert [r.get("cnn_dnn") for r in rows if r.get("cnn_dnn")] == [["aggregate"], ["coherent", "transfer"]]
     assert layout.cnn_dnn(["coherent", "transfer"])[1] == layout.coherent_dnn("transfer")
+
+
+@pytest.mark.parametrize("says", [True, False])
+def test_a_rank_exiting_2_keeps_status_2_when_the_launcher_sigterms_it(says):
+    """srun --kill-on-bad-exit SIGTERMs the ranks still exiting once the first exits 2 (CI saw 143, not 2):
+    a rank past its agreed error line ignores SIGTERM; the pause at exit stands for MPI_Finalize."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import atexit, time\nfrom hpcdd.errors import fail\n"
+            "atexit.register(lambda: (print('finalizing', flush=True), time.sleep(1.5)))\n"
+            f"fail({'bad input' if says else None!r})\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, env=env_for_tests())
+    assert proc.stdout.readline() == "finalizing\n"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err
+    assert err.splitlines() == (["error: bad input"] if says else []), err

@@ -11,7 +11,7 @@ import sys
 import traceback
 from typing import TYPE_CHECKING
 
-from ..errors import EXIT_USER_ERROR
+from ..errors import EXIT_USER_ERROR, fail
 from ..layout import RunLayout
 
 if TYPE_CHECKING:
@@ -137,9 +137,7 @@ def report_failure(world: World | None, exc: BaseException) -> None:
 def user_error_exit(world: World | None, message: str, collective: bool) -> None:
     """One line on stderr (from the lowest rank), exit status 2; abort if the ranks did not agree."""
     if world is None or world.size == 1 or collective:
-        if world is None or world.is_root:
-            print(f"error: {message}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_USER_ERROR)
+        fail(message if world is None or world.is_root else None)
     line = f"error: rank {world.rank}: {message}"
     if said_first(world.run_dir, line):  # a rank that failed too in the moment before the abort stays silent
         print(line, file=sys.stderr, flush=True)
